@@ -1,0 +1,169 @@
+"""The reference decoder-only LM: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+
+Every attention and every MLP is one *sublayer* with its own pre-norm. How sublayer inputs are
+formed from earlier outputs is entirely the residual scheme's job (``attnres.residuals``), so the
+loop in :meth:`Transformer.hidden` never branches on the variant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attnres.model.config import ModelConfig
+from attnres.residuals import build_residual
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin tables ``[seq_len, head_dim / 2]`` in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [B, H, T, hd]`` by position; ``cos``/``sin`` are ``[T, hd/2]`` (rotate-half layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention, including its own pre-norm."""
+
+    def __init__(self, cfg: ModelConfig, norm: bool = True) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if norm else nn.Identity()
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = h.shape
+        x = self.norm(h)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, d]
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward, including its own pre-norm."""
+
+    def __init__(self, cfg: ModelConfig, norm: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if norm else nn.Identity()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.w_down = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = self.norm(h)
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM whose residual connections are a pluggable scheme.
+
+    ``sublayers[2i]`` is layer ``i``'s attention and ``sublayers[2i+1]`` its MLP.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.residual = build_residual(cfg.residual, cfg.d_model, cfg.n_sublayers)
+        norm = type(self.residual).sublayer_norm
+        self.sublayers = nn.ModuleList(
+            block for _ in range(cfg.n_layers) for block in (Attention(cfg, norm), MLP(cfg, norm))
+        )
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every initialisation in the model, in one place.
+
+        ======================================  ==========================================
+        parameter                               init
+        ======================================  ==========================================
+        ``embed.weight``                        N(0, init_std)
+        attention ``wq, wk, wv``                N(0, init_std)
+        MLP ``w_gate, w_up``                    N(0, init_std)
+        attention ``wo``, MLP ``w_down``        N(0, init_std / sqrt(2 * n_layers)): these
+                                                write into the residual stream
+        ``lm_head.weight`` (untied)             N(0, init_std)
+        every RMSNorm gain                      1
+        residual scheme                         ``residual.reset_parameters()``; for AttnRes:
+                                                pseudo-queries ``query`` **0** (the first
+                                                forward is a uniform average over sources),
+                                                key-norm gains ``key_gain`` 1
+        ======================================  ==========================================
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        for sub in self.sublayers:
+            for name, p in sub.named_parameters():
+                if name.endswith("norm.weight"):
+                    nn.init.ones_(p)
+                elif name.startswith(("wo.", "w_down.")):
+                    nn.init.normal_(p, std=out_std)
+                else:
+                    nn.init.normal_(p, std=std)
+        nn.init.ones_(self.norm.weight)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        self.residual.reset_parameters()
+
+    def check_tokens(self, tokens: Tensor) -> None:
+        """Raise a clear error for token ids outside ``[0, vocab_size)`` or a too-long sequence."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq] integer ids, got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.cfg.seq_len:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds model.seq_len={self.cfg.seq_len}; "
+                "truncate the input or build the model with a larger seq_len"
+            )
+        if tokens.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(
+                    f"token ids must lie in [0, {self.cfg.vocab_size}) (model.vocab_size), got range "
+                    f"[{lo}, {hi}]; was the data tokenized with a different tokenizer?"
+                )
+
+    def hidden(self, tokens: Tensor) -> Tensor:
+        """The final read's output ``[B, T, d]``, before the final norm."""
+        self.check_tokens(tokens)
+        T = tokens.shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        state = self.residual.init_state(self.embed(tokens))
+        for layer, sublayer in enumerate(self.sublayers):
+            out = sublayer(self.residual.layer_input(state, layer), cos, sin)
+            state = self.residual.update(state, layer, out)
+        return self.residual.final(state)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``[B, T, vocab]`` for token ids ``[B, T]``."""
+        return self.lm_head(self.norm(self.hidden(tokens)))
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy; ``targets`` equal to -100 are ignored."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
