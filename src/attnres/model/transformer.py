@@ -202,7 +202,9 @@ class Transformer(nn.Module):
 
     def _check_positions(self, positions: Tensor, shape: torch.Size) -> None:
         if positions.shape != shape:
-            raise ValueError(f"positions must match tokens' shape {tuple(shape)}, got {tuple(positions.shape)}")
+            raise ValueError(
+                f"positions must match tokens' shape {tuple(shape)}, got {tuple(positions.shape)}"
+            )
         if positions.numel() and not torch.compiler.is_compiling():
             lo, hi = int(positions.min()), int(positions.max())
             if lo < 0 or hi >= self.cfg.seq_len:
