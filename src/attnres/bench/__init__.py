@@ -1,0 +1,1 @@
+"""Benchmarks: library code behind ``attnres bench``."""
