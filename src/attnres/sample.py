@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,8 +39,8 @@ def load_for_sampling(path: str | Path) -> tuple[Transformer, Any]:
     try:
         model, _ = load_model(path)
         tokenizer = load_tokenizer(path)
-    except CheckpointError:
-        raise
+    except (ValueError, FileNotFoundError) as err:  # the loaders' own messages name the fix
+        raise CheckpointError(str(err)) from err
     except Exception as err:  # safetensors, json and torch each raise their own types
         raise CheckpointError(
             f"could not load the checkpoint in {str(path)!r}: {type(err).__name__}: {err}. The files may be "
@@ -103,12 +104,13 @@ def main(args: argparse.Namespace) -> str:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
     model, tokenizer = load_for_sampling(args.ckpt)
+    pieces = stream_text(model, tokenizer, args.prompt, args.max_new_tokens, sampling)
+    first = next(pieces, "")  # a bad prompt raises here, before anything is printed
     sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    pieces = []
-    for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, sampling):
+    out = []
+    for piece in itertools.chain([first], pieces):
         sys.stdout.write(piece)
         sys.stdout.flush()
-        pieces.append(piece)
+        out.append(piece)
     sys.stdout.write("\n")
-    return "".join(pieces)
+    return "".join(out)
