@@ -176,8 +176,8 @@ def run(cfg: InferBenchConfig, log=print) -> dict:
     prefill_s: dict = {v: {T: [] for T in cfg.prefill_lens} for v in cfg.variants}
     decode_s: dict = {v: {B: [] for B in cfg.decode_batches} for v in cfg.variants}
     for m in models.values():  # warm-up, untimed
-        time_prefill(m, _tokens(cfg, 1, 64))
-    time_decode(models, _tokens(cfg, 1, 8), 4)
+        time_prefill(m, _tokens(cfg, 1, min(64, cfg.seq_len)))
+    time_decode(models, _tokens(cfg, 1, min(8, cfg.seq_len - 4)), 4)
     for r in range(cfg.repeats):
         log(f"repeat {r + 1}/{cfg.repeats}", file=sys.stderr)
         for T in cfg.prefill_lens:
