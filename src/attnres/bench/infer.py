@@ -119,6 +119,21 @@ def time_decode(models: dict[str, Transformer], prompt: torch.Tensor, steps: int
     return times
 
 
+@torch.no_grad()
+def profile_decode(cfg: InferBenchConfig, variant: str, batch: int = 1, steps: int = 16) -> str:
+    """torch.profiler table of ``steps`` decode steps of ``variant``: where a step's time goes."""
+    model = build(cfg, variant)
+    prompt = _tokens(cfg, batch, cfg.decode_context)
+    cache = KVCache(model.cfg, batch, cfg.decode_context + steps + 4)
+    nxt = prefill(model, prompt, cache).argmax(-1)
+    for _ in range(4):  # warm-up
+        nxt = model(nxt[:, None], cache=cache)[:, -1].argmax(-1)
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            nxt = model(nxt[:, None], cache=cache)[:, -1].argmax(-1)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+
+
 def _workloads(cfg: InferBenchConfig) -> list[tuple[str, int, int, int | None]]:
     """(name, batch, prompt length, prefill chunk) of every measured workload."""
     rows = [(f"prefill T={T}", 1, T, None) for T in cfg.prefill_lens]
@@ -265,6 +280,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=d.repeats)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--profile", action="store_true", help="only print a decode-step profile per variant")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -281,6 +297,12 @@ def main(args: argparse.Namespace) -> dict:
         threads=args.threads,
         memory=not args.no_memory,
     )
+    if args.profile:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        for v in cfg.variants:
+            print(f"== decode profile: {v}, batch 1, 16 steps\n{profile_decode(cfg, v)}")
+        return {}
     results = run(cfg)
     print(table(results))
     if args.json:
