@@ -47,12 +47,12 @@ P4 = [PipelineCase(pp=4, vpp=2, block_size=2, cache=c, microbatches=4, microbatc
 
 @pytest.fixture(scope="module")
 def results_p2() -> dict[PipelineCase, dict]:
-    return dict(zip(P2, check_pipeline(P2)))
+    return dict(zip(P2, check_pipeline(P2), strict=True))
 
 
 @pytest.fixture(scope="module")
 def results_p4() -> dict[PipelineCase, dict]:
-    return dict(zip(P4, check_pipeline(P4)))
+    return dict(zip(P4, check_pipeline(P4), strict=True))
 
 
 def _ids(cases: list[PipelineCase]) -> list[str]:
@@ -112,7 +112,11 @@ def test_aligned_block_counts_equal_eq7_eq8(variant: str, vpp: int, results_p2: 
 
 
 def test_chunk_without_block_boundary_by_hand(results_p2: dict) -> None:
-    """S=3, chunks of 2 sublayers: blocks leaving chunks 0..2 are ceil(2/3), ceil(4/3), ceil(6/3) = 1, 2, 2."""
+    """S=3, chunks of 2 sublayers: blocks leaving chunks 0..2 are ceil(2/3), ceil(4/3), ceil(6/3).
+
+    The receiving rank of link 2 (rank 0) holds 0 (received) or 1 (seen: b_0, sealed in chunk 0)
+    block; that of link 3 (rank 1) holds 1 (received in chunk 1) or 2 (leaving chunk 1).
+    """
     want = {"off": [1, 2, 2], "received": [1, 2, 2 - 1], "seen": [1, 2 - 1, 2 - 2]}
     for case in NO_BOUNDARY_P2:
         got = Counter()

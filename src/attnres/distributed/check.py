@@ -93,7 +93,7 @@ def run_case(rank: int, case: PipelineCase) -> dict[str, Any] | None:
     # Reference 1: the same micro-batches accumulated in one process. The forward is then
     # bitwise the pipeline's; only the order of gradient sums differs.
     ref_loss = 0.0
-    for tok, tgt in zip(tokens.chunk(case.microbatches), targets.chunk(case.microbatches)):
+    for tok, tgt in zip(tokens.chunk(case.microbatches), targets.chunk(case.microbatches), strict=True):
         loss_m = lm_loss(model(tok), tgt) / case.microbatches
         loss_m.backward()
         ref_loss += float(loss_m.detach())

@@ -28,6 +28,7 @@ and added, once, to the output gradient of the chunk that put it in the cache.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,7 +137,7 @@ def make_layout(
     bounds = tuple(bounds) if bounds is not None else even_bounds(L, C)
     if len(bounds) != C + 1 or bounds[0] != 0 or bounds[-1] != L:
         raise ValueError(f"bounds must be {C + 1} sublayer indices from 0 to {L}, got {bounds}")
-    if any(b >= e for b, e in zip(bounds, bounds[1:])):
+    if any(b >= e for b, e in itertools.pairwise(bounds)):
         raise ValueError(f"every pipeline chunk needs at least one sublayer; bounds {bounds} leave one empty")
     if C > 1 and model.cfg.tie_embeddings:
         raise ValueError(
@@ -283,7 +284,7 @@ def schedule(rank: int, pp: int, vpp: int, n_microbatches: int) -> list[tuple[st
             v = vpp - 1 - v
         return (kind, v * pp + rank, group * pp + within % pp)
 
-    warmup = total if M == pp else min(total, 2 * (pp - rank - 1) + (vpp - 1) * pp)
+    warmup = total if pp == M else min(total, 2 * (pp - rank - 1) + (vpp - 1) * pp)
     ops = [op("F", k) for k in range(warmup)]
     for i in range(total - warmup):
         ops += [op("F", warmup + i), op("B", i)]
@@ -454,7 +455,9 @@ class PipelineRunner:
                     )
                     for i, g in enumerate(local_grads.pop((c, m), [])):  # from chunk c + P's cached reads
                         grads[i] = g if grads[i] is None else grads[i] + g
-                    pairs = [(t, g) for t, g in zip(flat, grads) if g is not None and t.requires_grad]
+                    pairs = [
+                        (t, g) for t, g in zip(flat, grads, strict=True) if g is not None and t.requires_grad
+                    ]
                     torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
                 leaves = inputs.pop((c, m))
                 if c > 0:
