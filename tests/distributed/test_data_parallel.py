@@ -15,7 +15,6 @@ import torch
 
 from attnres.distributed.data_parallel import (
     DistEnv,
-    ParallelConfig,
     full_state_dict,
     shard_batch,
     wrap_model,
@@ -23,6 +22,7 @@ from attnres.distributed.data_parallel import (
 from attnres.distributed.launch import spawn_gloo
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.residuals import ResidualConfig
+from attnres.train.config import ParallelConfig
 
 STEPS, BATCH = 3, 4
 
@@ -59,7 +59,7 @@ def _train(model: torch.nn.Module, batches: list, env: DistEnv) -> list[float]:
 def _worker(rank: int, world_size: int, dp_shard: bool, out: str) -> None:
     model, batches = _setup()
     env = DistEnv(rank=rank, world_size=world_size)
-    wrapped = wrap_model(model, ParallelConfig(dp_shard=dp_shard), env)
+    wrapped = wrap_model(model, dp_shard, env)
     losses = _train(wrapped, batches, env)
     state = full_state_dict(wrapped)  # collective under FSDP2
     if rank == 0:

@@ -12,54 +12,14 @@ load back on any world size, including a single process.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-
-from attnres.distributed.pipeline import CACHE_MODES
-
-
-@dataclass
-class ParallelConfig:
-    """The ``parallel`` section of a training config.
-
-    Attributes:
-        dp_shard: shard parameters, gradients and optimizer state with FSDP2 ``fully_shard``
-            (each sublayer, then the root) instead of replicating them with DDP. Only matters
-            under ``torchrun`` with more than one process.
-        pp: pipeline stages (library API, ``attnres.distributed.PipelineRunner``).
-        vpp: virtual pipeline stages per rank.
-        attnres_cache: cross-stage caching of AttnRes blocks in the pipeline.
-        cache_policy: ``"seen"`` (a rank also keeps the blocks it sealed itself) or ``"received"``
-            (the paper's Eq. 8 accounting); used when ``attnres_cache`` is on.
-    """
-
-    dp_shard: bool = False
-    pp: int = 1
-    vpp: int = 1
-    attnres_cache: bool = True
-    cache_policy: str = "seen"
-
-    def __post_init__(self) -> None:
-        if self.pp < 1 or self.vpp < 1:
-            raise ValueError(f"parallel.pp and parallel.vpp must be >= 1, got {self.pp} and {self.vpp}")
-        if self.cache_policy not in CACHE_MODES[1:]:
-            raise ValueError(
-                f"parallel.cache_policy must be one of {CACHE_MODES[1:]}, got {self.cache_policy!r}"
-            )
-        if self.pp * self.vpp > 1:
-            raise ValueError(
-                "pipeline parallelism is not wired into `attnres train` yet; set parallel.pp=1 and "
-                "parallel.vpp=1, or drive attnres.distributed.PipelineRunner from your own loop"
-            )
-
-    @property
-    def cache(self) -> str:
-        """The pipeline cache mode: ``"off"`` or the policy."""
-        return self.cache_policy if self.attnres_cache else "off"
 
 
 @dataclass(frozen=True)
@@ -101,7 +61,7 @@ def init_distributed(device: str = "cpu") -> DistEnv:
     return DistEnv(rank, world_size, local_rank, dev)
 
 
-def wrap_model(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module:
+def wrap_model(model: nn.Module, dp_shard: bool, env: DistEnv) -> nn.Module:
     """DDP or FSDP2 around ``model`` (already on ``env.device``); the model itself on one process.
 
     FSDP2 shards each sublayer separately and everything else (embedding, residual scheme, final
@@ -109,7 +69,7 @@ def wrap_model(model: nn.Module, cfg: ParallelConfig, env: DistEnv) -> nn.Module
     """
     if not env.distributed:
         return model
-    if cfg.dp_shard:
+    if dp_shard:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -157,3 +117,53 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
         return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
+
+
+def _sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, torch.distributed.tensor.DTensor) for p in unwrap(model).parameters())
+
+
+def checkpoint_model(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+    """A plain module with the full weights, for writing a world-size-independent checkpoint.
+
+    DDP and single process: the user's model itself. FSDP2 (a collective): ``build()`` filled with
+    the gathered weights on rank 0, ``None`` on the other ranks.
+    """
+    if not _sharded(model):
+        return unwrap(model)
+    state = full_state_dict(model)
+    if not state:
+        return None
+    plain = build()
+    plain.load_state_dict(state)
+    return plain
+
+
+def optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> Any:
+    """Optimiser states to save; under FSDP2 a collective returning the full (unsharded) state."""
+    if not _sharded(model):
+        return [opt.state_dict() for opt in optimizers]
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"fsdp_full": get_optimizer_state_dict(unwrap(model), optimizers, options=options)}
+
+
+def load_optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], state: Any) -> None:
+    """Inverse of :func:`optimizer_state`, on any world size and with or without FSDP2."""
+    full = isinstance(state, dict) and "fsdp_full" in state
+    if not full and not _sharded(model):
+        if len(state) != len(optimizers):
+            raise ValueError(f"checkpoint has {len(state)} optimiser states, this run has {len(optimizers)}")
+        for opt, s in zip(optimizers, state, strict=True):
+            opt.load_state_dict(s)
+        return
+    if not full:
+        raise ValueError(
+            "this checkpoint's optimiser state was saved without FSDP2; resume it with "
+            "--parallel.dp_shard=false (DDP or one process), or start a new run"
+        )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_optimizer_state_dict(unwrap(model), optimizers, state["fsdp_full"], options=options)
