@@ -1,10 +1,11 @@
 """Pipeline parallelism on 2 and 4 gloo processes: loss, every gradient and the bytes on the wire.
 
-Tolerances (fp64 model; depth reads keep fp32 statistics, SPEC §2):
+Tolerances (fp64 model):
 - against the same micro-batches accumulated in one process, the forward is bitwise the same and
   gradient sums differ only in order: relative error <= 1e-12 (0 with the cache off, ~1e-16 on);
-- against the whole batch in one forward (other matmul shapes, so fp32-rounded statistics round
-  differently): loss and gradients within 1e-5 relative.
+- against the whole batch in one forward: gradients within 1e-12 relative (measured ~5e-15);
+  the loss within 1e-6 relative, because ``lm_loss`` computes the cross-entropy in fp32 and the
+  mean of micro-batch means rounds differently from one mean (measured 5e-8).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def _check_parity(r: dict) -> None:
     assert r["sends"] == len(r["records"]) > 0  # every send passed the contiguity guard
     assert r["loss_err"] <= 1e-12, r["loss_err"]
     assert r["max_grad_err"] <= 1e-12, {k: v for k, v in r["grad_err"].items() if v > 1e-12}
-    assert r["batch_loss_err"] <= 1e-5 * abs(r["loss"])
-    assert r["max_batch_grad_err"] <= 1e-5
+    assert r["batch_loss_err"] <= 1e-6 * abs(r["loss"])
+    assert r["max_batch_grad_err"] <= 1e-12
 
 
 def _check_bytes(case: PipelineCase, r: dict) -> None:
