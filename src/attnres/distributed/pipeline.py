@@ -391,7 +391,9 @@ class PipelineRunner:
         self._pending_sends.append((dist.isend(buf, self._peer(dst_chunk), self.group, tag), buf))
 
     def _recv(self, n: int, direction: str, transition: int, microbatch: int, src_chunk: int) -> list[Tensor]:
-        buf = torch.full((n, *self._act_shape), float("nan"), dtype=self._dtype)  # NaN: a short receive shows
+        buf = torch.full(
+            (n, *self._act_shape), float("nan"), dtype=self._dtype, device=self._device
+        )  # NaN: a short receive shows
         dist.recv(
             buf, self._peer(src_chunk), self.group, self._tag(direction == "bwd", transition, microbatch)
         )
@@ -409,7 +411,8 @@ class PipelineRunner:
             raise ValueError(f"batch size {tokens.shape[0]} is not divisible by {M} micro-batches")
         token_mbs, target_mbs = tokens.chunk(M), targets.chunk(M)
         some_chunk = next(iter(self.chunks.values()))
-        self._n_mb, self._dtype = M, next(some_chunk.parameters()).dtype
+        param = next(some_chunk.parameters())
+        self._n_mb, self._dtype, self._device = M, param.dtype, param.device
         self._act_shape = (tokens.shape[0] // M, tokens.shape[1], some_chunk.cfg.d_model)
         self.stats, self._pending_sends = CommStats(), []
         cache: dict[int, list[Tensor]] = {}  # micro-batch -> blocks leaving this rank's latest chunk
@@ -417,7 +420,7 @@ class PipelineRunner:
         outputs: dict[tuple[int, int], Any] = {}  # (chunk, mb) -> output tensors, or the loss
         local_grads: dict[tuple[int, int], list[Tensor]] = {}  # (chunk, mb) -> grads of its cached blocks
         like = self._state_template()
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)  # NCCL needs it on the GPU
 
         for kind, c, m in schedule(self.rank, P, layout.vpp, M):
             if kind == "F":
