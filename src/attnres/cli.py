@@ -13,7 +13,10 @@ from attnres.configs import ConfigError, apply_overrides
 
 
 def parse_overrides(extra: list[str]) -> dict[str, str]:
-    """``["--model.d_model=64", "--train.steps", "10"]`` -> ``{"model.d_model": "64", "train.steps": "10"}``."""
+    """Dotted override flags to a dict.
+
+    ``["--model.d_model=64", "--train.steps", "10"]`` -> ``{"model.d_model": "64", "train.steps": "10"}``
+    """
     overrides: dict[str, str] = {}
     i = 0
     while i < len(extra):
