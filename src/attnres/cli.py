@@ -50,7 +50,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
         if args.preset or extra:
             wanted = _config(args.preset or "quick", extra)
             diff = _diff(
-                dataclasses.asdict(cfg), dataclasses.asdict(wanted), ignore={"train.steps", "train.progress", "parallel.dp_shard"}
+                dataclasses.asdict(cfg),
+                dataclasses.asdict(wanted),
+                ignore={"train.steps", "train.progress", "parallel.dp_shard"},
             )
             if args.preset and diff:
                 raise ConfigError(
