@@ -13,10 +13,11 @@ Needs the ``hf`` extra: ``pip install 'attnres[hf]'``.
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from attnres.hf.config import AttnResConfig
+from attnres.hf.from_config import model_config_from_hf
 from attnres.hf.modeling import AttnResForCausalLM, AttnResModel, AttnResPreTrainedModel
 
 AutoConfig.register(AttnResConfig.model_type, AttnResConfig, exist_ok=True)
 AutoModel.register(AttnResConfig, AttnResModel, exist_ok=True)
 AutoModelForCausalLM.register(AttnResConfig, AttnResForCausalLM, exist_ok=True)
 
-__all__ = ["AttnResConfig", "AttnResForCausalLM", "AttnResModel", "AttnResPreTrainedModel"]
+__all__ = ["AttnResConfig", "AttnResForCausalLM", "AttnResModel", "AttnResPreTrainedModel", "model_config_from_hf"]
