@@ -193,7 +193,9 @@ def test_hf_aliases() -> None:
 
 
 def test_other_architecture_checkpoint_is_refused(tmp_path) -> None:
-    LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path)
+    LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ConfigError, match="'llama' config, not an AttnRes"):
         AttnResForCausalLM.from_pretrained(tmp_path)
 

@@ -20,4 +20,10 @@ AutoConfig.register(AttnResConfig.model_type, AttnResConfig, exist_ok=True)
 AutoModel.register(AttnResConfig, AttnResModel, exist_ok=True)
 AutoModelForCausalLM.register(AttnResConfig, AttnResForCausalLM, exist_ok=True)
 
-__all__ = ["AttnResConfig", "AttnResForCausalLM", "AttnResModel", "AttnResPreTrainedModel", "model_config_from_hf"]
+__all__ = [
+    "AttnResConfig",
+    "AttnResForCausalLM",
+    "AttnResModel",
+    "AttnResPreTrainedModel",
+    "model_config_from_hf",
+]

@@ -25,8 +25,7 @@ SUPPORTED = {
 def _rope_theta(cfg: Any) -> float:
     params = getattr(cfg, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
-    scaling = getattr(cfg, "rope_scaling", None)
-    if rope_type != "default" or (isinstance(scaling, dict) and scaling.get("rope_type", "default") != "default"):
+    if rope_type != "default":
         raise ConfigError(
             f"RoPE scaling {rope_type!r} is not supported (the reference model uses plain RoPE); "
             "set rope_parameters={'rope_type': 'default', 'rope_theta': ...}"
@@ -66,7 +65,7 @@ def model_config_from_hf(
     residual: ResidualConfig | None = None,
     allow_differences: bool = False,
 ) -> ModelConfig:
-    """Build a :class:`ModelConfig` with the shape of a transformers ``LlamaConfig``/``Qwen2Config``/``Qwen3Config``.
+    """A :class:`ModelConfig` with the shape of a transformers Llama, Qwen2 or Qwen3 config.
 
     Args:
         hf_config: a transformers config object (no weights are read or downloaded).
