@@ -78,10 +78,8 @@ def hf_tokenizer(ckpt: str | Path) -> Any:
     from attnres.train.data import EOT, ByteTokenizer, load_tokenizer
 
     ours = load_tokenizer(ckpt)
-    if isinstance(ours, ByteTokenizer):
-        backend = Tokenizer.from_str(byte_tokenizer_json(EOT))
-    else:
-        backend = ours.tok
+    is_byte = isinstance(ours, ByteTokenizer)
+    backend = Tokenizer.from_str(byte_tokenizer_json(EOT)) if is_byte else ours.tok
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT)
 
 
