@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,7 +24,8 @@ from transformers import (  # noqa: E402
 
 from attnres.configs import ConfigError  # noqa: E402
 from attnres.hf import AttnResConfig, AttnResForCausalLM, AttnResModel  # noqa: E402
-from attnres.model import lm_loss  # noqa: E402
+from attnres.model import ModelConfig, lm_loss  # noqa: E402
+from attnres.residuals import ResidualConfig  # noqa: E402
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
 
@@ -184,6 +186,24 @@ def test_trainer_three_steps_lower_loss(tmp_path) -> None:
 def test_bad_config_keys(kwargs: dict, match: str) -> None:
     with pytest.raises((ConfigError, ValueError), match=match):
         AttnResConfig(**kwargs)
+
+
+def test_config_mirrors_every_model_config_field(tmp_path) -> None:
+    """AttnResConfig is generated from ModelConfig: every field, nested residual included, survives
+    a JSON round trip with a non-default value."""
+    mc = ModelConfig(
+        vocab_size=77, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=100, seq_len=40,
+        rope_theta=5e5, norm_eps=1e-5, tie_embeddings=True, init_std=0.01,
+        residual=ResidualConfig(variant="full", block_size=5, eps=1e-4),
+    )  # fmt: skip
+    defaults = dataclasses.asdict(ModelConfig())
+    changed = dataclasses.asdict(mc)
+    assert all(changed[k] != defaults[k] for k in defaults), "test must change every field"
+    assert all(changed["residual"][k] != defaults["residual"][k] for k in defaults["residual"])
+    AttnResConfig.from_model_config(mc).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {k: saved[k] for k in changed} == changed
+    assert AutoConfig.from_pretrained(tmp_path).to_model_config() == mc
 
 
 def test_hf_aliases() -> None:
