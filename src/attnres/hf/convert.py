@@ -10,7 +10,6 @@ which lets ``from_hf`` restore the checkpoint exactly. ``from_hf(hf_dir, out)`` 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -132,36 +131,8 @@ def _our_tokenizer(hf_dir: Path) -> Any:
             f"{hf_dir} has no tokenizer.json; save the tokenizer there with save_pretrained"
         )
     text = path.read_text()
-    if Tokenizer.from_str(text).to_str() == Tokenizer.from_str(byte_tokenizer_json(EOT)).to_str():
+    # transformers rewrites the JSON on save; the vocabulary (bytes + EOT, no merged tokens) decides.
+    byte_vocab = Tokenizer.from_str(byte_tokenizer_json(EOT)).get_vocab(with_added_tokens=True)
+    if Tokenizer.from_str(text).get_vocab(with_added_tokens=True) == byte_vocab:
         return ByteTokenizer()
     return BPETokenizer(Tokenizer.from_str(text))
-
-
-def cmd_convert(args: argparse.Namespace, extra: list[str]) -> None:
-    """``attnres convert``: the CLI handler."""
-    if extra:
-        raise ValueError(f"unexpected arguments: {' '.join(extra)}")
-    if args.to_hf:
-        out = to_hf(args.src, args.out)
-        print(
-            f"wrote {out} (load with: import attnres.hf; AutoModelForCausalLM.from_pretrained({str(out)!r}))"
-        )
-    else:
-        out = from_hf(args.src, args.out)
-        print(f"wrote {out}")
-
-
-def register_convert(sub: Any) -> None:
-    """Add ``attnres convert --to-hf|--from-hf SRC OUT`` to the CLI's subparsers."""
-    p = sub.add_parser(
-        "convert",
-        help="convert a checkpoint to or from a Hugging Face transformers directory",
-        description="Convert between a run/checkpoint of `attnres train` and a transformers directory "
-        "(needs the hf extra: pip install 'attnres[hf]').",
-    )
-    way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--to-hf", action="store_true", help="SRC is our run or checkpoint dir")
-    way.add_argument("--from-hf", action="store_true", help="SRC is a transformers AttnRes dir")
-    p.add_argument("src")
-    p.add_argument("out")
-    p.set_defaults(func=cmd_convert)
