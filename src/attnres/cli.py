@@ -93,6 +93,19 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
     print(f"\nsummary: {args.out}/summary.json   curves: {args.out}/loss_curves.png")
 
 
+def cmd_convert(args: argparse.Namespace, extra: list[str]) -> None:
+    try:
+        from attnres.hf.convert import from_hf, to_hf
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"attnres convert needs the hf extra: pip install 'attnres[hf]' ({e})"
+        ) from None
+    if extra:
+        raise ValueError(f"unexpected arguments: {' '.join(extra)}")
+    out = to_hf(args.src, args.out) if args.to_hf else from_hf(args.src, args.out)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnres", description="Attention Residuals: train, compare, inspect."
@@ -125,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("infer", help="prefill, decode and memory cost of AttnRes vs prenorm (CPU)")
     _add_arguments("attnres.bench.infer", p)
     p.set_defaults(func=lambda args, extra: _run("attnres.bench.infer", args, extra))
+
+    p = sub.add_parser("convert", help="convert a checkpoint to or from a Hugging Face transformers dir")
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to-hf", action="store_true", help="SRC: our run or checkpoint dir")
+    way.add_argument("--from-hf", action="store_true", help="SRC: a transformers AttnRes dir")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
