@@ -22,6 +22,7 @@ from transformers import (  # noqa: E402
 from attnres.configs import ConfigError  # noqa: E402
 from attnres.hf import AttnResConfig, AttnResForCausalLM, AttnResModel  # noqa: E402
 from attnres.model import ModelConfig, lm_loss  # noqa: E402
+from attnres.model.generate import SamplingConfig, generate, left_pad  # noqa: E402
 from attnres.residuals import ResidualConfig  # noqa: E402
 
 
@@ -97,22 +98,50 @@ def test_save_pretrained_roundtrip_bit_exact(tmp_path, tie: bool) -> None:
     assert torch.equal(loaded.eval()(x).logits, model(x).logits)
 
 
-def greedy_reference(model: AttnResForCausalLM, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """Plain greedy decoding over the native model's logits, recomputing the prefix."""
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = model.transformer(seq)[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-    return seq
-
-
-@pytest.mark.parametrize("variant", ["prenorm", "block"])
-def test_generate_greedy_equals_native(variant: str) -> None:
+@pytest.mark.parametrize("variant", ["prenorm", "block", "full"])
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "recompute"])
+def test_generate_greedy_equals_our_generate(variant: str, use_cache: bool) -> None:
     model = make_model(make_config(variant))
     prompt = tokens(2, 5)
-    out = model.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    assert torch.equal(out, greedy_reference(model, prompt, 8))
+    out = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=use_cache)
+    ours = generate(model.transformer, prompt.tolist(), 8, SamplingConfig(temperature=0))
+    assert out[:, 5:].tolist() == ours
+
+
+def test_generate_padded_batch_equals_rows_alone() -> None:
+    """Left-padded prompts of different lengths: each row generates what it would alone."""
+    model = make_model(make_config("block"), seed=3)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    ids, mask = left_pad(prompts)
+    for use_cache in (True, False):
+        out = model.generate(
+            ids, attention_mask=mask.long(), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+            pad_token_id=0, use_cache=use_cache,
+        )  # fmt: skip
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(
+                torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False
+            )
+            assert out[row, 5:].tolist() == alone[0, len(prompt) :].tolist(), (use_cache, row)
+    assert generate(model.transformer, prompts, 6, SamplingConfig(temperature=0)) == out[:, 5:].tolist()
+
+
+def test_padded_forward_logits_match_unpadded() -> None:
+    model = make_model(make_config("full"))
+    x = tokens(1, 4)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    got = model(input_ids=padded, attention_mask=mask).logits[:, 3:]
+    torch.testing.assert_close(got, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_with_cache_equals_without() -> None:
+    model = make_model(make_config("block"))
+    prompt = tokens(2, 4)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, num_beams=3, do_sample=False, num_return_sequences=2)
+    assert torch.equal(
+        model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw)
+    )
 
 
 class _Repeat(torch.utils.data.Dataset):
@@ -203,9 +232,9 @@ def test_other_architecture_checkpoint_is_refused(tmp_path) -> None:
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"attention_mask": torch.tensor([[0, 1, 1]])}, "padded batches"),
         ({"position_ids": torch.tensor([[5, 6, 7]])}, "position_ids"),
-        ({"past_key_values": object()}, "past_key_values"),
+        ({"past_key_values": object()}, "past_key_values of type object"),
+        ({"inputs_embeds": torch.zeros(1, 3, 32)}, "inputs_embeds"),
         ({"output_hidden_states": True}, "output_hidden_states"),
     ],
 )

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from attnres.hf.config import AttnResConfig
 from attnres.hf.from_config import model_config_from_hf
-from attnres.hf.modeling import AttnResForCausalLM, AttnResModel, AttnResPreTrainedModel
+from attnres.hf.modeling import AttnResForCausalLM, AttnResModel, AttnResPreTrainedModel, HFKVCache
 
 AutoConfig.register(AttnResConfig.model_type, AttnResConfig, exist_ok=True)
 AutoModel.register(AttnResConfig, AttnResModel, exist_ok=True)
@@ -25,5 +25,6 @@ __all__ = [
     "AttnResForCausalLM",
     "AttnResModel",
     "AttnResPreTrainedModel",
+    "HFKVCache",
     "model_config_from_hf",
 ]

@@ -30,7 +30,7 @@ HF_ALIASES = {
 }
 
 #: settings that belong to transformers (generation, tokens), not to the architecture
-_HF_FIELDS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": False}
+_HF_FIELDS = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "use_cache": True}
 
 #: keys transformers itself passes to (or writes from) every config; anything else is rejected
 _BASE_KEYS = (

@@ -3,10 +3,14 @@
 The wrappers hold one ``Transformer`` and call its own methods, so the HF logits are the native
 logits, operation for operation. Checkpoint keys are the native keys under ``model.transformer.``.
 
-Not supported (each raises a clear error rather than computing something else): padded batches
-(``attention_mask`` with zeros), ``inputs_embeds``, custom ``position_ids``, ``past_key_values``,
-``output_attentions`` and ``output_hidden_states``. Generation recomputes the whole prefix at every
-step (``use_cache=False``): correct, and fine for the small models this project trains.
+Generation uses our own :class:`attnres.model.cache.KVCache` (through :class:`HFKVCache`, which
+adds the few methods ``generate`` calls), so greedy, sampling and beam search all decode one token
+per step. Padded batches (``attention_mask`` with zeros, left- or right-padded) run through the same
+cache, which gives every row the positions and attention it would have alone.
+
+Not supported (each raises a clear error rather than computing something else): ``inputs_embeds``,
+custom ``position_ids`` (positions are always counted over a row's real tokens), transformers'
+own cache classes, ``output_attentions`` and ``output_hidden_states``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,25 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from attnres.hf.config import AttnResConfig
 from attnres.model import Transformer
+from attnres.model.cache import KVCache
 from attnres.model.transformer import rope_tables
+
+
+class HFKVCache(KVCache):
+    """Our KV cache with what transformers' ``generate`` asks of a cache object."""
+
+    is_compileable = False
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Slots written so far (padding included), which ``generate`` uses to slice new inputs."""
+        return self.length
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """Keep rows ``beam_idx`` (beam search picks which hypotheses continue)."""
+        self.k = self.k.index_select(1, beam_idx.to(self.k.device))
+        self.v = self.v.index_select(1, beam_idx.to(self.v.device))
+        self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+        self.next_position = self.next_position.index_select(0, beam_idx.to(self.next_position.device))
 
 
 class AttnResPreTrainedModel(PreTrainedModel):
@@ -45,6 +67,14 @@ class AttnResPreTrainedModel(PreTrainedModel):
             module.rope_sin.copy_(sin)
 
 
+def _expected_positions(attention_mask: Tensor | None, past: int, shape: torch.Size) -> Tensor:
+    """Positions ``[B, T]`` the model uses: each row counts its own real tokens from 0."""
+    if attention_mask is None:
+        return torch.arange(past, past + shape[1]).expand(shape)
+    real = attention_mask.long()
+    return (real.cumsum(1) - 1).clamp(min=0)[:, -shape[1] :]
+
+
 def _check_unsupported(
     input_ids: Tensor | None,
     attention_mask: Tensor | None,
@@ -56,20 +86,20 @@ def _check_unsupported(
     """Raise for inputs the reference model cannot honour; return ``input_ids``."""
     if inputs_embeds is not None or input_ids is None:
         raise ValueError("AttnRes models take input_ids only (inputs_embeds is not supported)")
-    if past_key_values is not None:
+    if past_key_values is not None and not isinstance(past_key_values, KVCache):
         raise ValueError(
-            "past_key_values is not supported: the AttnRes HF wrapper recomputes the prefix; "
-            "call generate(..., use_cache=False) (the default in AttnResConfig)"
-        )
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError(
-            "padded batches are not supported (attention_mask has zeros): the reference model is "
-            "causal over the full sequence; generate or train on unpadded sequences of equal length"
+            f"past_key_values of type {type(past_key_values).__name__} is not supported; the AttnRes "
+            "wrapper uses attnres.hf.HFKVCache, which generate() creates by itself"
         )
     if position_ids is not None:
-        expected = torch.arange(input_ids.shape[1], device=position_ids.device)
-        if not bool((position_ids == expected).all()):
-            raise ValueError("custom position_ids are not supported; positions are always 0 … T-1")
+        past = past_key_values.length if past_key_values is not None else 0
+        expected = _expected_positions(attention_mask, past, input_ids.shape).to(position_ids.device)
+        real = attention_mask[:, -input_ids.shape[1] :].bool() if attention_mask is not None else True
+        if not bool(((position_ids == expected) | ~torch.as_tensor(real)).all()):
+            raise ValueError(
+                "custom position_ids are not supported; positions are always counted over each "
+                "row's real (unpadded) tokens from 0"
+            )
     for flag in ("output_attentions", "output_hidden_states"):
         if kwargs.get(flag):
             raise ValueError(f"{flag}=True is not supported by the AttnRes wrapper")
@@ -110,8 +140,20 @@ class AttnResModel(AttnResPreTrainedModel):
         tokens = _check_unsupported(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, kwargs
         )
-        hidden = self.transformer.norm(self.transformer.hidden(tokens))
-        return BaseModelOutputWithPast(last_hidden_state=hidden)
+        B, T = tokens.shape
+        cache, mask = past_key_values, None
+        if attention_mask is not None and (cache is not None or not bool(attention_mask.all())):
+            mask = attention_mask[:, -T:]  # generate passes the mask of the whole sequence so far
+        if cache is None and mask is not None:
+            # A padded batch: a cache used for this forward only masks the padding and counts
+            # positions over real tokens, exactly as in cached decoding.
+            param = self.transformer.lm_head.weight
+            cache = KVCache(self.transformer.cfg, B, T, dtype=param.dtype, device=param.device)
+            past_key_values = None
+        hidden = self.transformer.hidden(tokens, cache=cache, attention_mask=mask)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.transformer.norm(hidden), past_key_values=past_key_values
+        )
 
 
 class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
@@ -171,4 +213,26 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def _prepare_cache_for_generation(
+        self,
+        generation_config: Any,
+        model_kwargs: dict[str, Any],
+        generation_mode: Any,
+        batch_size: int,
+        max_cache_length: int,
+    ) -> None:
+        # transformers would build its own DynamicCache here; ours is the model's KVCache, sized
+        # as transformers sizes its static caches (every beam and returned sequence is a row).
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            return
+        copies = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        param = self.transformer.lm_head.weight
+        model_kwargs["past_key_values"] = HFKVCache(
+            self.transformer.cfg,
+            copies * batch_size,
+            max_cache_length,
+            dtype=param.dtype,
+            device=param.device,
+        )
