@@ -36,10 +36,10 @@ from attnres.residuals.registry import register
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     """Sinkhorn-Knopp projection of ``exp(logits) [..., m, m]`` towards a doubly stochastic matrix.
 
-    fp32 throughout. Each iteration normalises the columns, then the rows (mHC Eq. 9), so the
+    fp32 (or the input's precision if higher) throughout. Each iteration normalises the columns, then the rows (mHC Eq. 9), so the
     rows sum to 1 exactly (the forward gain is conserved) and the columns approximately.
     """
-    x = logits.float()
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     m = torch.exp(x - x.amax(dim=(-2, -1), keepdim=True))  # the scale cancels in the first normalisation
     for _ in range(iters):
         m = m / m.sum(-2, keepdim=True)
@@ -61,8 +61,14 @@ class StreamScheme(ResidualScheme):
         self.n_streams = cfg.n_streams
 
     def coefficients(self, state: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
-        """fp32 ``(read [B, T, m], mix [B, T, m, m], write [B, T, m])`` of sublayer ``layer``."""
+        """``(read [B, T, m], mix [B, T, m, m], write [B, T, m])`` of sublayer ``layer``, in fp32
+        (or the stream's precision if higher)."""
         raise NotImplementedError
+
+    @staticmethod
+    def compute_dtype(state: Tensor) -> torch.dtype:
+        """fp32, or the stream's dtype when it is wider (fp64 tests)."""
+        return torch.promote_types(state.dtype, torch.float32)
 
     def init_state(self, embedding: Tensor) -> Tensor:
         return embedding.unsqueeze(-2).expand(*embedding.shape[:-1], self.n_streams, self.d_model)
@@ -128,14 +134,15 @@ class HyperConnections(StreamScheme):
                 nn.init.constant_(self.scale_beta, 0.01)
 
     def coefficients(self, state: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
-        read, mix, write = self.static_read[layer], self.static_mix[layer], self.static_write[layer]
+        dt = self.compute_dtype(state)
+        read, mix, write = (p[layer].to(dt) for p in (self.static_read, self.static_mix, self.static_write))
         if self.cfg.dynamic:
-            gain = self.norm_gain[layer]
-            hbar = F.rms_norm(state.float(), (self.d_model,), gain, self.cfg.eps)  # [B, T, m, d]
-            s_a, s_b = self.scale_alpha[layer], self.scale_beta[layer]
-            read = s_a * torch.tanh(hbar @ self.dyn_read[layer]) + read  # [B, T, m]
-            mix = s_a * torch.tanh(hbar @ self.dyn_mix[layer]) + mix  # [B, T, m(s), m(t)]
-            write = s_b * torch.tanh(hbar @ self.dyn_write[layer]) + write  # [B, T, m]
+            gain = self.norm_gain[layer].to(dt)
+            hbar = F.rms_norm(state.to(dt), (self.d_model,), gain, self.cfg.eps)  # [B, T, m, d]
+            s_a, s_b = self.scale_alpha[layer].to(dt), self.scale_beta[layer].to(dt)
+            read = s_a * torch.tanh(hbar @ self.dyn_read[layer].to(dt)) + read  # [B, T, m]
+            mix = s_a * torch.tanh(hbar @ self.dyn_mix[layer].to(dt)) + mix  # [B, T, m(s), m(t)]
+            write = s_b * torch.tanh(hbar @ self.dyn_write[layer].to(dt)) + write  # [B, T, m]
         else:
             lead = state.shape[:-2]
             read, mix, write = read.expand(*lead, -1), mix.expand(*lead, -1, -1), write.expand(*lead, -1)
@@ -186,13 +193,13 @@ class ManifoldScheme(StreamScheme):
                 nn.init.constant_(self.gate, 0.01)
 
     def coefficients(self, state: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
-        m = self.n_streams
-        z = self.bias[layer].float()
+        m, dt = self.n_streams, self.compute_dtype(state)
+        z = self.bias[layer].to(dt)
         if self.cfg.dynamic:
-            x = state.float().flatten(-2)  # [B, T, m·d]
+            x = state.to(dt).flatten(-2)  # [B, T, m·d]
             inv_r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-20)
-            mixes = (x @ self.proj[layer].float()) * inv_r  # [B, T, 2m + n_res]
-            a_pre, a_post, a_res = self.gate[layer].float()
+            mixes = (x @ self.proj[layer].to(dt)) * inv_r  # [B, T, 2m + n_res]
+            a_pre, a_post, a_res = self.gate[layer].to(dt)
             gate = torch.cat([a_pre.expand(m), a_post.expand(m), a_res.expand(self.n_res)])
             z = gate * mixes + z
         else:
@@ -247,4 +254,4 @@ class MHCLite(ManifoldScheme):
         return b
 
     def res_matrix(self, z: Tensor) -> Tensor:
-        return torch.einsum("...k,kij->...ij", z.softmax(-1), self.perms)
+        return torch.einsum("...k,kij->...ij", z.softmax(-1), self.perms.to(z.dtype))
