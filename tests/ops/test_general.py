@@ -30,7 +30,7 @@ def test_defaults_and_one_head_equal_the_reference_read(d, T):
     out, weights = general_depth_read(sources, query, gain, heads=1)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(weights[..., 0], depth_weights(sources, query, gain), rtol=0, atol=0)
-    for a, b in zip(_grads(out, [*sources, query, gain]), _grads(ref, [*sources, query, gain])):
+    for a, b in zip(_grads(out, [*sources, query, gain]), _grads(ref, [*sources, query, gain]), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

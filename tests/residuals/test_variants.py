@@ -10,9 +10,8 @@ from attnres.configs import ConfigError, apply_overrides
 from attnres.model import ModelConfig, lm_loss
 from attnres.residuals import ResidualConfig, variant_names
 
-ALL_VARIANTS = [
-    "block", "denseformer", "full", "hc", "hierarchical", "highway", "mhc", "mhc_lite", "prenorm", "rezero", "swa",
-]  # fmt: skip
+ALL_VARIANTS = ["block", "denseformer", "full", "hc", "hierarchical", "highway"]
+ALL_VARIANTS += ["mhc", "mhc_lite", "prenorm", "rezero", "swa"]
 
 ABLATIONS = [
     ("block", {"query": "input"}),
@@ -116,7 +115,9 @@ def test_swa_reads_embedding_plus_last_window(window, n_layers):
     for site in range(L + 1):
         expected = [emb, *outs[max(0, site - window) : site]]
         got = reads[site]
-        assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected)), f"site {site}"
+        assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected, strict=True)), (
+            f"site {site}"
+        )
 
 
 def test_block_reads_sums_and_partial():
@@ -132,7 +133,7 @@ def test_hierarchical_groups_individual_outputs():
     model = small_model("hierarchical", block_size=2)
     emb, outs, reads = _record_sources(model, tokens())
     assert [len(reads[s]) for s in range(7)] == [1, 2, 3, 4, 5, 6, 7]
-    assert all(a is b for a, b in zip(reads[6], [emb, *outs]))
+    assert all(a is b for a, b in zip(reads[6], [emb, *outs], strict=True))
 
 
 def test_hierarchical_zero_init_is_uniform_within_and_across_groups():

@@ -36,8 +36,9 @@ from attnres.residuals.registry import register
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     """Sinkhorn-Knopp projection of ``exp(logits) [..., m, m]`` towards a doubly stochastic matrix.
 
-    fp32 (or the input's precision if higher) throughout. Each iteration normalises the columns, then the rows (mHC Eq. 9), so the
-    rows sum to 1 exactly (the forward gain is conserved) and the columns approximately.
+    fp32 (or the input's precision if higher) throughout. Each iteration normalises the columns,
+    then the rows (mHC Eq. 9), so the rows sum to 1 exactly (the forward gain is conserved) and the
+    columns approximately. Near-identity inputs converge slowly (see tests/residuals/test_hyper.py).
     """
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     m = torch.exp(x - x.amax(dim=(-2, -1), keepdim=True))  # the scale cancels in the first normalisation
