@@ -125,7 +125,7 @@ class BlockAttnRes(ResidualScheme):
             out = depth_read(sources, self.query[site], self.key_gain[site], self.cfg.eps)
             if self.recorder is not None:
                 weights = depth_weights(sources, self.query[site], self.key_gain[site], self.cfg.eps)
-                self.recorder(site, sources, weights)
+                self.recorder(site, sources, weights.unsqueeze(-1))  # [N, B, T, H=1]
             return out
         gain = self.key_gain[site] if hasattr(self, "key_gain") else None
         if self.cfg.query == "none":

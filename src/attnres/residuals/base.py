@@ -126,9 +126,9 @@ class ResidualScheme(nn.Module, ABC):
     sublayer_norm: ClassVar[bool] = True
 
     #: optional observer of depth reads: schemes that attend over depth call
-    #: ``recorder(site, sources, weights)`` with ``weights [N, B, T]`` or ``[N, B, T, H]`` (one per
-    #: source; site ``L`` is the final read). ``attnres.analysis`` sets it while collecting
-    #: diagnostics; it is ``None`` otherwise and costs nothing.
+    #: ``recorder(site, sources, weights)`` with ``weights [N, B, T, H]``, per source and head,
+    #: possibly broadcast (``[N, 1, 1, 1]`` for static mixing); site ``L`` is the final read.
+    #: ``attnres.analysis`` sets it while collecting diagnostics; ``None`` otherwise, free.
     recorder: Callable[[int, Sequence[Tensor], Tensor], None] | None = None
 
     def __init__(self, cfg: ResidualConfig, d_model: int, n_sublayers: int) -> None:
