@@ -92,7 +92,10 @@ class HierarchicalAttnRes(ResidualScheme):
             self.query = nn.Parameter(torch.empty(sites, 2, d_model))
         else:
             self.query_proj = nn.Parameter(torch.empty(sites, 2, d_model, d_model))
-        self.reset_parameters()
+        # the model re-initialises every scheme after its sublayers; drawing here from a forked RNG
+        # leaves the sublayers' init identical to every other variant's under the same seed
+        with torch.random.fork_rng(devices=[]):
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         std = self.d_model**-0.5
