@@ -221,3 +221,12 @@ def test_unknown_option_key_lists_valid_ones_and_dotted_overrides_work():
 def test_bad_variant_options_are_clear_errors(variant, opts, message):
     with pytest.raises(ValueError, match=message):
         small_model(variant, **opts)
+
+
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_same_seed_gives_every_variant_the_same_sublayer_and_embedding_init(variant):
+    """Fair comparisons: under one seed only the residual scheme differs between variants."""
+    base = dict(small_model("prenorm", seed=7).named_parameters())
+    for name, p in small_model(variant, seed=7).named_parameters():
+        if not name.startswith("residual."):
+            assert torch.equal(p, base[name]), name
