@@ -85,7 +85,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
     from attnres.train.compare import compare, parse_variants, summary_table
 
     cfg = _config(args.preset, extra)
-    results = compare(cfg, parse_variants(args.variants), args.seeds, args.out)
+    results = compare(cfg, parse_variants(args.variants), args.seeds, args.out, jobs=args.jobs)
     print()
     print(summary_table(results))
     print(f"\nsummary: {args.out}/summary.json   curves: {args.out}/loss_curves.png")
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick")
     p.add_argument("--variants", default="prenorm,block,full", help="comma-separated names, or 'all'")
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs trained in parallel (each gets cores/jobs threads)"
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
     return parser

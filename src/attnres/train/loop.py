@@ -244,5 +244,8 @@ def train(
         seconds=time.perf_counter() - t_run,
     )
     if end == loop.steps:
+        from attnres.analysis.diagnostics import save_diagnostics
+
+        save_diagnostics(model, *(t.to(device) for t in val_batches[0]), out)  # a held-out batch
         (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     return result
