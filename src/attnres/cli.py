@@ -91,6 +91,12 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
     print(f"\nsummary: {args.out}/summary.json   curves: {args.out}/loss_curves.png")
 
 
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> None:
+    from attnres.analysis.report import write_report
+
+    print(f"report: {write_report(args.dir)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnres", description="Attention Residuals: train, compare, inspect."
@@ -117,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="write report.md with plots for a run or compare directory")
+    p.add_argument("dir", help="the --out of attnres train or attnres compare")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
