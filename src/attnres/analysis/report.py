@@ -91,7 +91,7 @@ def write_report(run_or_compare_dir: str | Path, baseline: str = "prenorm") -> P
             "× tokens, plus attention scores.",
             "",
         ]
-    plot_loss_curves(runs, root / "loss_curves.png", title=setup[:90])
+    plot_loss_curves(runs, root / "loss_curves.png", title=setup.split(", optimiser")[0])
     lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", ""]
 
     diags = {v: [x for x in (load_diagnostics(d) for d in dirs) if x is not None] for v, dirs in runs.items()}
