@@ -50,14 +50,16 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
         if args.preset or extra:
             wanted = _config(args.preset or "quick", extra)
             diff = _diff(
-                dataclasses.asdict(cfg), dataclasses.asdict(wanted), ignore={"train.steps", "train.progress"}
+                dataclasses.asdict(cfg),
+                dataclasses.asdict(wanted),
+                ignore={"train.steps", "train.progress", "parallel.dp_shard"},
             )
             if args.preset and diff:
                 raise ConfigError(
                     f"--resume: the saved config differs from the requested one at {', '.join(diff)}"
                 )
             cfg = (
-                dataclasses.replace(cfg, train=wanted.train)
+                dataclasses.replace(cfg, train=wanted.train, parallel=wanted.parallel)
                 if args.preset
                 else apply_overrides(cfg, parse_overrides(extra))
             )
