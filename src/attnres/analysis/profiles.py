@@ -125,6 +125,11 @@ def plot_depth_weights(diags: list[dict[str, Any]], path: str | Path, title: str
                 if not math.isnan(v):
                     ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
                             color="white" if v < 0.6 * vmax else "black")  # fmt: skip
+    blocks = labels[0] == "b0=emb"
+    axes[-1].set_xlabel(
+        "source: block j (the last one a read sees is the live partial sum)" if blocks
+        else "source: embedding, then the output of sublayer i"
+    )  # fmt: skip
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="weight (mean over tokens)")
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=110, bbox_inches="tight")
