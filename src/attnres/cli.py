@@ -87,7 +87,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
     from attnres.train.compare import compare, parse_variants, summary_table
 
     cfg = _config(args.preset, extra)
-    results = compare(cfg, parse_variants(args.variants), args.seeds, args.out)
+    results = compare(cfg, parse_variants(args.variants), args.seeds, args.out, jobs=args.jobs)
     print()
     print(summary_table(results))
     print(f"\nsummary: {args.out}/summary.json   curves: {args.out}/loss_curves.png")
@@ -104,6 +104,12 @@ def cmd_convert(args: argparse.Namespace, extra: list[str]) -> None:
         raise ValueError(f"unexpected arguments: {' '.join(extra)}")
     out = to_hf(args.src, args.out) if args.to_hf else from_hf(args.src, args.out)
     print(f"wrote {out}")
+
+
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> None:
+    from attnres.analysis.report import write_report
+
+    print(f"report: {write_report(args.dir)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick")
     p.add_argument("--variants", default="prenorm,block,full", help="comma-separated names, or 'all'")
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs trained in parallel (each gets cores/jobs threads)"
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
 
@@ -146,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("out")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("report", help="write report.md with plots for a run or compare directory")
+    p.add_argument("dir", help="the --out of attnres train or attnres compare")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -78,7 +78,11 @@ def test_compare_writes_summary_curves_and_table(tmp_path, cache_dir, capsys) ->
         ("full", 1),
     ]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert {"variant", "seed", "final_val_loss", "tokens_per_s", "n_params"} <= set(summary[0])
+    assert {"variant", "seed", "final_val_loss", "tokens_per_s", "n_params"} <= set(summary["runs"][0])
+    full = summary["variants"][1]
+    assert full["variant"] == "full" and full["seeds"] == 2 and full["diff_vs_prenorm"]["n"] == 2
+    assert full["train_tokens"] == 6 * cfg.train.batch_size * cfg.model.seq_len and full["train_flops"] > 0
+    assert (tmp_path / "full-s1" / "diagnostics.json").exists()  # saved with every finished run
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
     table = summary_table(results)
     assert "prenorm" in table and "full" in table and "±" in table
@@ -133,3 +137,10 @@ def test_override_types_are_checked() -> None:
     assert apply_overrides(cfg, {"model.residual.block_size": "none"}).model.residual.block_size is None
     with pytest.raises(ValueError, match="unknown preset 'fast'; valid presets: .*quick"):
         get_preset("fast")
+
+
+def test_compare_jobs_runs_in_parallel_processes(tmp_path, cache_dir) -> None:
+    cfg = tiny(cache_dir, **{"train.steps": "3", "train.eval_every": "3"})
+    results = compare(cfg, ["prenorm", "block"], 1, tmp_path, log=lambda _: None, jobs=2)
+    serial = compare(cfg, ["prenorm", "block"], 1, tmp_path / "serial", log=lambda _: None)
+    assert [(r.variant, r.final_val_loss) for r in results] == [(r.variant, r.final_val_loss) for r in serial]

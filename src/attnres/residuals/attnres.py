@@ -20,9 +20,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnres.ops import depth_read
+from attnres.ops import depth_read, depth_weights
+from attnres.ops.general import general_depth_read
 from attnres.residuals.base import ResidualConfig, ResidualScheme
 from attnres.residuals.registry import register
 
@@ -58,25 +60,93 @@ class BlockAttnRes(ResidualScheme):
         ``query [L+1, d]``: pseudo-queries ``w_l``, **zero at init**, so the first forward is a
         uniform average of the sources (the paper calls this essential for stable training).
         ``key_gain [L+1, d]``: key RMSNorm gains ``γ_l``, one at init.
+
+    The ablation switches of paper Table 4 are options in :class:`ResidualConfig` (the defaults
+    are the paper's read; see :mod:`attnres.ops.general` for the math):
+
+    - ``query="input"``: input-dependent query ``q_l = W_l · rmsnorm(x)``, with ``query_proj
+      [L+1, d, d]`` replacing ``query``. ``x`` is the newest source of the read: the live partial
+      sum for Block, the previous sublayer's output for Full, the embedding at the first read.
+      The read's own output cannot be its input, and the paper does not say which earlier state
+      it projects, so this is **our choice**. The RMSNorm (no gain) keeps the score scale
+      independent of the stream's growth, also our choice. ``W_l`` is **zero at init** (our
+      choice) so the first forward stays a uniform average, as with pseudo-queries.
+    - ``query="none"``: input-independent mixing, learned logits ``mix_logits [L+1, N_max]``
+      (zero at init: uniform) softmaxed over the read's ``N`` sources; no query, no key. Row
+      ``l`` uses its first ``N_l`` entries, so entries beyond a read's source count stay unused.
+    - ``normalizer="sigmoid"``: ``α_i = σ(s_i)`` per source instead of a softmax over sources.
+    - ``key_norm=False``: scores on the raw sources; no ``key_gain``.
+    - ``heads=H``: ``H`` channel groups, each with its own weights from its slice of the query
+      and key; ``H = 1`` is the single-head read.
     """
 
     def __init__(self, cfg: ResidualConfig, d_model: int, n_sublayers: int) -> None:
         super().__init__(cfg, d_model, n_sublayers)
         self.block_size = self._block_size(cfg, n_sublayers)
-        self.query = nn.Parameter(torch.zeros(n_sublayers + 1, d_model))
-        self.key_gain = nn.Parameter(torch.ones(n_sublayers + 1, d_model))
+        if cfg.query_init not in (None, "zero"):
+            raise ValueError(
+                f"residual.query_init={cfg.query_init!r}: AttnRes pseudo-queries must start at zero "
+                "(SPEC §2: a uniform first read); use query_init=zero or leave it unset"
+            )
+        self.heads = cfg.heads if cfg.heads is not None else 1
+        if d_model % self.heads:
+            raise ValueError(f"residual.heads={self.heads} must divide d_model={d_model}")
+        sites = n_sublayers + 1
+        if cfg.query == "learned":
+            self.query = nn.Parameter(torch.zeros(sites, d_model))
+        elif cfg.query == "input":
+            self.query_proj = nn.Parameter(torch.zeros(sites, d_model, d_model))
+        else:
+            self.mix_logits = nn.Parameter(torch.zeros(sites, self.max_sources()))
+        if cfg.key_norm and cfg.query != "none":
+            self.key_gain = nn.Parameter(torch.ones(sites, d_model))
+        self._paper_read = (
+            cfg.query == "learned" and cfg.key_norm and cfg.normalizer == "softmax" and self.heads == 1
+        )
 
     @staticmethod
     def _block_size(cfg: ResidualConfig, n_sublayers: int) -> int:
         return cfg.block_size if cfg.block_size is not None else default_block_size(n_sublayers)
 
+    def max_sources(self) -> int:
+        """The most sources any read sees: the final read's ``ceil(L/S)`` blocks plus the partial."""
+        return math.ceil(self.n_sublayers / self.block_size) + 1
+
     def reset_parameters(self) -> None:
-        nn.init.zeros_(self.query)
-        nn.init.ones_(self.key_gain)
+        for name in ("query", "query_proj", "mix_logits"):
+            if hasattr(self, name):
+                nn.init.zeros_(getattr(self, name))
+        if hasattr(self, "key_gain"):
+            nn.init.ones_(self.key_gain)
 
     def read(self, sources: list[Tensor], site: int) -> Tensor:
         """Depth read at ``site`` (``0 … L-1`` sublayer inputs, ``L`` the final read)."""
-        return depth_read(sources, self.query[site], self.key_gain[site], self.cfg.eps)
+        if self._paper_read:
+            out = depth_read(sources, self.query[site], self.key_gain[site], self.cfg.eps)
+            if self.recorder is not None:
+                weights = depth_weights(sources, self.query[site], self.key_gain[site], self.cfg.eps)
+                self.recorder(site, sources, weights.unsqueeze(-1))  # [N, B, T, H=1]
+            return out
+        gain = self.key_gain[site] if hasattr(self, "key_gain") else None
+        if self.cfg.query == "none":
+            query, logits = None, self.mix_logits[site, : len(sources)]
+        elif self.cfg.query == "input":
+            x = F.rms_norm(sources[-1].float(), (self.d_model,), eps=self.cfg.eps)
+            query, logits = x @ self.query_proj[site].float().T, None  # [..., d]
+        else:
+            query, logits = self.query[site], None
+        out, weights = general_depth_read(
+            sources,
+            query,
+            gain,
+            self.cfg.eps,
+            heads=self.heads,
+            normalizer=self.cfg.normalizer,
+            logits=logits,
+        )
+        if self.recorder is not None:
+            self.recorder(site, sources, weights)
+        return out
 
     def init_state(self, embedding: Tensor) -> DepthState:
         return DepthState(blocks=(), partial=embedding)

@@ -15,6 +15,7 @@ replay a sublayer without replaying any bookkeeping twice.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,11 +32,54 @@ class ResidualConfig:
             ``None`` picks the paper's default of about 8 blocks, ``S = ceil(L / 8)``. Ignored by
             variants without blocks; ``full`` forces ``S = 1``.
         eps: epsilon of the key RMSNorm in depth reads.
+
+    Depth-attention options (``block``, ``full``, ``swa``; ``hierarchical`` where noted). The
+    defaults are the paper's method; the others are the ablations of paper Table 4:
+        query: ``"learned"`` a pseudo-query ``w_l`` per read site (paper); ``"input"`` a ``d×d``
+            projection of the newest source (input-dependent query; also ``hierarchical``);
+            ``"none"`` learned scalar logits per (read site, source), no query or key
+            (input-independent mixing).
+        normalizer: ``"softmax"`` over sources (paper) or ``"sigmoid"`` per source.
+        key_norm: RMS-normalise the keys (paper); ``False`` scores the raw sources.
+        heads: depth-attention heads, ``H`` groups of channels with their own weights. ``None``
+            is the variant's default: 1 for AttnRes, 4 for ``hierarchical``.
+        query_init: ``"zero"`` or ``"normal"``; ``None`` is the variant's default. AttnRes
+            accepts only ``"zero"`` (SPEC §2); ``hierarchical`` defaults to ``"normal"``.
+        window: ``swa``: the number of most recent sublayer outputs read besides the embedding.
+
+    Multi-stream options (``hc``, ``mhc``, ``mhc_lite``):
+        n_streams: residual streams ``m`` (``mhc_lite`` allows at most 5: it mixes ``m!``
+            permutations).
+        dynamic: add the input-dependent part of the connection weights to the static part.
+        sinkhorn_iters: ``mhc``: Sinkhorn-Knopp iterations (paper: 20).
+
+    DenseFormer options (``denseformer``):
+        dilation: ``k``: depth ``i`` averages only the outputs ``j ≡ i (mod k)``.
+        period: ``p``: a weighted average after every ``p``-th unit only.
+        granularity: ``"layer"`` (paper: one unit is a Transformer layer, two sublayers) or
+            ``"sublayer"``.
+
+    Highway options (``highway``):
+        gate_bias: initial bias of the carry gate ``g = σ(W u + b)``; negative favours carrying
+            the state (paper range -1 … -3).
     """
 
     variant: str = "prenorm"
     block_size: int | None = None
     eps: float = 1e-6
+    query: str = "learned"
+    normalizer: str = "softmax"
+    key_norm: bool = True
+    heads: int | None = None
+    query_init: str | None = None
+    window: int = 8
+    n_streams: int = 4
+    dynamic: bool = True
+    sinkhorn_iters: int = 20
+    dilation: int = 1
+    period: int = 1
+    granularity: str = "layer"
+    gate_bias: float = -2.0
 
     def __post_init__(self) -> None:
         from attnres.residuals.registry import variant_names
@@ -51,6 +95,22 @@ class ResidualConfig:
             )
         if self.eps <= 0:
             raise ValueError(f"residual.eps must be > 0, got {self.eps}")
+        for name, valid in _CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and value not in valid:
+                raise ValueError(f"residual.{name}={value!r} is not valid; valid values: {', '.join(valid)}")
+        for name in ("heads", "window", "n_streams", "sinkhorn_iters", "dilation", "period"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"residual.{name} must be >= 1, got {value}")
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "query": ("learned", "input", "none"),
+    "normalizer": ("softmax", "sigmoid"),
+    "query_init": ("zero", "normal"),
+    "granularity": ("layer", "sublayer"),
+}
 
 
 class ResidualScheme(nn.Module, ABC):
@@ -64,6 +124,12 @@ class ResidualScheme(nn.Module, ABC):
 
     #: whether each sublayer applies its own pre-norm (False for faithful ReZero, say)
     sublayer_norm: ClassVar[bool] = True
+
+    #: optional observer of depth reads: schemes that attend over depth call
+    #: ``recorder(site, sources, weights)`` with ``weights [N, B, T, H]``, per source and head,
+    #: possibly broadcast (``[N, 1, 1, 1]`` for static mixing); site ``L`` is the final read.
+    #: ``attnres.analysis`` sets it while collecting diagnostics; ``None`` otherwise, free.
+    recorder: Callable[[int, Sequence[Tensor], Tensor], None] | None = None
 
     def __init__(self, cfg: ResidualConfig, d_model: int, n_sublayers: int) -> None:
         super().__init__()

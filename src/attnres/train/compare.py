@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -28,40 +29,75 @@ def parse_variants(spec: str) -> list[str]:
     return names
 
 
+def _variant_config(base: TrainConfig, variant: str, seed: int, threads: int | None) -> TrainConfig:
+    residual = dataclasses.replace(base.model.residual, variant=variant)
+    loop = dataclasses.replace(base.train, seed=seed)
+    if threads is not None:  # parallel runs: split the cores, no interleaved progress bars
+        loop = dataclasses.replace(loop, threads=threads, progress=False)
+    return dataclasses.replace(base, model=dataclasses.replace(base.model, residual=residual), train=loop)
+
+
+def _train_run(cfg: TrainConfig, run_dir: Path) -> RunResult:
+    return train(cfg, run_dir, resume=(run_dir / "checkpoint").exists(), log=print)
+
+
 def compare(
     base: TrainConfig,
     variants: list[str],
     seeds: int,
     out_dir: str | Path,
     log: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> list[RunResult]:
     """Train every (variant, seed) into ``out_dir/<variant>-s<seed>``; finished runs are reused.
 
     All runs share ``base`` except ``model.residual.variant`` and ``train.seed``; the data order
     (``train.data_seed``) is the same for every run, so differences come from the variant alone.
-    Writes ``summary.json`` and ``loss_curves.png`` into ``out_dir`` and returns the results.
+    Resumable: a run with ``result.json`` is reused, one with only a checkpoint continues from it.
+    ``jobs > 1`` trains that many runs at once in separate processes, each with
+    ``cores // jobs`` threads (unless ``train.threads`` is set). Writes ``summary.json`` (per-run
+    results and per-variant statistics) and ``loss_curves.png`` into ``out_dir``.
     """
     from attnres.analysis.plots import plot_loss_curves
 
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results: list[RunResult] = []
+    threads = None
+    if jobs > 1:
+        threads = base.train.threads or max(1, (os.cpu_count() or 1) // jobs)
+    done: dict[tuple[str, int], RunResult] = {}
+    pending: list[tuple[str, int]] = []
     for variant in variants:
         for seed in range(seeds):
             run_dir = out / run_name(variant, seed)
             if (run_dir / "result.json").exists():
                 log(f"{run_dir.name}: finished earlier, reusing its result")
-                results.append(RunResult(**json.loads((run_dir / "result.json").read_text())))
-                continue
-            cfg = dataclasses.replace(
-                base,
-                model=dataclasses.replace(
-                    base.model, residual=dataclasses.replace(base.model.residual, variant=variant)
-                ),
-                train=dataclasses.replace(base.train, seed=seed),
-            )
-            results.append(train(cfg, run_dir, resume=(run_dir / "checkpoint").exists(), log=log))
-    (out / "summary.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+                done[variant, seed] = RunResult(**json.loads((run_dir / "result.json").read_text()))
+            else:
+                pending.append((variant, seed))
+    if jobs == 1:
+        for variant, seed in pending:
+            cfg = _variant_config(base, variant, seed, None)
+            run_dir = out / run_name(variant, seed)
+            done[variant, seed] = train(cfg, run_dir, resume=(run_dir / "checkpoint").exists(), log=log)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {
+                pool.submit(_train_run, _variant_config(base, v, s, threads), out / run_name(v, s)): (v, s)
+                for v, s in pending
+            }
+            for fut in cf.as_completed(futures):
+                done[futures[fut]] = result = fut.result()
+                name = run_name(*futures[fut])
+                log(f"{name}: val loss {result.final_val_loss:.4f} ({result.seconds:.0f} s)")
+    results = [done[v, s] for v in variants for s in range(seeds)]
+    summary = {"runs": [dataclasses.asdict(r) for r in results], "variants": variant_stats(results)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_loss_curves(
         {v: [out / run_name(v, s) for s in range(seeds)] for v in variants},
         out / "loss_curves.png",
@@ -71,26 +107,51 @@ def compare(
     return results
 
 
-def summary_table(results: list[RunResult]) -> str:
-    """A plain-text table: per variant the mean ± std final validation loss and throughput."""
+def variant_stats(results: list[RunResult], baseline: str = "prenorm") -> list[dict]:
+    """Per variant: seeds, mean ± std validation loss, the paired difference to ``baseline``
+    (same seeds) with its 95% t interval, and per-run tokens, FLOPs, parameters and throughput."""
+    from attnres.analysis.stats import mean_std, paired_difference
+
     by_variant: dict[str, list[RunResult]] = {}
     for r in results:
         by_variant.setdefault(r.variant, []).append(r)
-    base = by_variant.get("prenorm")
-    base_loss = statistics.fmean(r.final_val_loss for r in base) if base else None
+    base = {r.seed: r.final_val_loss for r in by_variant.get(baseline, [])}
+    rows = []
+    for variant, rs in by_variant.items():
+        mean, std = mean_std([r.final_val_loss for r in rs])
+        diff = paired_difference({r.seed: r.final_val_loss for r in rs}, base) if base else None
+        rows.append({
+            "variant": variant, "seeds": len(rs), "val_loss_mean": mean, "val_loss_std": std,
+            "diff_vs_" + baseline: None if diff is None else dataclasses.asdict(diff),
+            "train_tokens": rs[0].train_tokens, "train_flops": rs[0].train_flops, "n_params": rs[0].n_params,
+            "tokens_per_s": statistics.fmean(r.tokens_per_s for r in rs),
+            "seconds": statistics.fmean(r.seconds for r in rs),
+        })  # fmt: skip
+    return rows
+
+
+def summary_table(results: list[RunResult], baseline: str = "prenorm") -> str:
+    """A plain-text table of :func:`variant_stats`: the compute per run, so runs compare at equal
+    compute, and each variant's paired difference to the baseline with its 95% interval."""
     head = (
-        f"{'variant':<10} {'seeds':>5} {'val loss':>17} {'vs prenorm':>11} "
-        f"{'tok/s':>8} {'params':>9} {'s/run':>7}"
+        f"{'variant':<13} {'seeds':>5} {'val loss (mean ± std)':>22} {'vs ' + baseline + ' [95% CI]':>30} "
+        f"{'tokens':>9} {'FLOPs':>9} {'params':>9} {'tok/s':>7}"
     )
     lines = [head, "-" * len(head)]
-    for variant, rs in by_variant.items():
-        losses = [r.final_val_loss for r in rs]
-        mean = statistics.fmean(losses)
-        std = statistics.stdev(losses) if len(losses) > 1 else 0.0
-        delta = f"{mean - base_loss:+.4f}" if base_loss is not None else "n/a"
+    for row in variant_stats(results, baseline):
+        d = row["diff_vs_" + baseline]
+        if d is None:
+            delta = "n/a"
+        elif row["variant"] == baseline:
+            delta = "(baseline)"
+        elif d["n"] < 2:
+            delta = f"{d['mean']:+.4f} (1 seed, no CI)"
+        else:
+            delta = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}"
         lines.append(
-            f"{variant:<10} {len(rs):>5} {mean:>9.4f} ± {std:.4f} {delta:>11} "
-            f"{statistics.fmean(r.tokens_per_s for r in rs):>8,.0f} {rs[0].n_params:>9,} "
-            f"{statistics.fmean(r.seconds for r in rs):>7.1f}"
+            f"{row['variant']:<13} {row['seeds']:>5} "
+            f"{row['val_loss_mean']:>12.4f} ± {row['val_loss_std']:.4f} "
+            f"{delta:>30} {row['train_tokens']:>9.3g} {row['train_flops']:>9.3g} {row['n_params']:>9,} "
+            f"{row['tokens_per_s']:>7,.0f}"
         )
     return "\n".join(lines)

@@ -258,6 +258,11 @@ def train(
         train_flops=end * tokens_per_step * model_flops_per_token(unwrap(model)),
         seconds=time.perf_counter() - t_run,
     )
+    if end == loop.steps and not env.distributed:
+        # diagnostics need the plain model (hooks, one process); distributed runs skip them
+        from attnres.analysis.diagnostics import save_diagnostics
+
+        save_diagnostics(model, *(t.to(device) for t in val_batches[0]), out)  # a held-out batch
     if end == loop.steps and env.is_main:
         (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     return result

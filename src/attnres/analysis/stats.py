@@ -1,0 +1,50 @@
+"""Seed statistics for comparisons: mean ± std, and paired differences with a t confidence interval."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+# two-sided 95% quantiles of Student's t, by degrees of freedom (1 … 30); 1.96 beyond
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]  # fmt: skip
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% Student-t quantile for ``df >= 1`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"a t interval needs at least 2 paired values (df >= 1), got df={df}")
+    return _T95[df - 1] if df <= len(_T95) else 1.96
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """``mean(a - b)`` over matched seeds, its 95% t interval ``[low, high]`` and ``n`` pairs.
+
+    With one pair the interval is unknown (``nan``): one seed cannot say how much seeds vary.
+    """
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> PairedDiff | None:
+    """``a - b`` paired by seed (the keys); ``None`` when no seed is in both."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return PairedDiff(mean, math.nan, math.nan, 1)
+    half = t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return PairedDiff(mean, mean - half, mean + half, len(diffs))
