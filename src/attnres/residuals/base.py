@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from attnres.ops.dispatch import check_impl
+
 
 @dataclass
 class ResidualConfig:
@@ -31,11 +33,14 @@ class ResidualConfig:
             ``None`` picks the paper's default of about 8 blocks, ``S = ceil(L / 8)``. Ignored by
             variants without blocks; ``full`` forces ``S = 1``.
         eps: epsilon of the key RMSNorm in depth reads.
+        impl: depth-read implementation for AttnRes variants: ``auto`` (the fastest correct one),
+            ``reference``, ``fused`` or ``two_phase`` (see ``attnres.ops.dispatch``).
     """
 
     variant: str = "prenorm"
     block_size: int | None = None
     eps: float = 1e-6
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         from attnres.residuals.registry import variant_names
@@ -51,6 +56,7 @@ class ResidualConfig:
             )
         if self.eps <= 0:
             raise ValueError(f"residual.eps must be > 0, got {self.eps}")
+        check_impl(self.impl)
 
 
 class ResidualScheme(nn.Module, ABC):
