@@ -11,7 +11,8 @@ folded query and in the live partial sum ``p`` that later reads add. So:
   weighted mean, so its rounding does not grow when the softmax is flat.
 
 The merge's backward needs ``p − o``; it uses ``p − h = (1 − σ)(p − o)`` instead, so it saves the
-read's output ``h`` (which the next sublayer's norm keeps anyway) rather than ``o``:
+read's output ``h`` (which the next sublayer's norm keeps anyway; unrounded in fp32 for bf16
+streams) rather than ``o``:
 
     ∂x = σ · (g · (p − h)),   ∂o = (1 − σ) g,   ∂p = σ g + ∂x r_p q,
     ∂lse = −∂x,   ∂q = Σ_tokens ∂x r_p p,   ∂r_p = ∂x (p · q)
@@ -55,9 +56,12 @@ class _Merge(torch.autograd.Function):
         pc = p2 if p2.dtype == cd else p2.to(cd)
         dot = pc @ q  # [M]
         sig = torch.sigmoid(dot * r_p.reshape(-1) - lse.reshape(-1))  # [M]
-        h = torch.lerp(o.reshape(-1, d), pc, sig.unsqueeze(-1)).to(p.dtype).view(p.shape)
-        ctx.save_for_backward(h, p, r_p, sig, dot, q)
-        return h
+        h = torch.lerp(o.reshape(-1, d), pc, sig.unsqueeze(-1))  # [M, d], statistics dtype
+        out = h.to(p.dtype).view(p.shape)
+        # p − h cancels when σ → 1, so a low-precision stream keeps the unrounded h for backward;
+        # an fp32/fp64 stream saves its own output, which the next sublayer's norm keeps anyway.
+        ctx.save_for_backward(out if out.dtype == cd else h, p, r_p, sig, dot, q)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
