@@ -34,10 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype depth-read statistics run in: fp32, or fp64 for fp64 streams."""
-    return torch.promote_types(dtype, torch.float32)
+from attnres.ops.reference import stats_dtype
 
 
 class _SourceRstd(torch.autograd.Function):
@@ -45,7 +42,7 @@ class _SourceRstd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, v: Tensor, eps: float) -> Tensor:
-        cd = stat_dtype(v.dtype)
+        cd = stats_dtype(v.dtype)
         ms = torch.linalg.vector_norm(v, dim=-1, dtype=cd).square_().div_(v.shape[-1])
         r = ms.add_(eps).rsqrt_()  # [...]
         ctx.save_for_backward(v, r)
@@ -158,14 +155,14 @@ def depth_attend(
                 f"all sources must share shape and dtype; got {tuple(v.shape)} {v.dtype} "
                 f"vs {tuple(shape)} {sources[0].dtype}"
             )
-    queries = queries.to(stat_dtype(sources[0].dtype))
+    queries = queries.to(stats_dtype(sources[0].dtype))
     *outs, lse = _DepthAttend.apply(queries, len(sources), *sources, *rstd)
     return tuple(outs), lse
 
 
 def fold_query(query: Tensor, gain: Tensor, dtype: torch.dtype) -> Tensor:
     """``w ⊙ γ`` in the statistics dtype of a ``dtype`` stream: the gain folded into the query."""
-    cd = stat_dtype(dtype)
+    cd = stats_dtype(dtype)
     return query.to(cd) * gain.to(cd)
 
 

@@ -12,21 +12,22 @@ import torch
 from torch import Tensor
 
 
-def _stat(x: Tensor) -> Tensor:
-    """``x`` in the statistics dtype: fp32, or fp64 for fp64 inputs (so fp64 tests can be tight)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics run in: fp32 for fp32 and lower precision, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def depth_weights(sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float = 1e-6) -> Tensor:
-    """The softmax weights ``α`` of one read site, ``[N, ...]`` in fp32 (fp64 for fp64 inputs).
+    """The softmax weights ``α`` of one read site, ``[N, ...]`` in :func:`stats_dtype`.
 
     score_i = query · (gain ⊙ v_i / rms(v_i)),   rms(x) = sqrt(mean(x²) + eps),   α = softmax_i(score)
     """
     if len(sources) == 0:
         raise ValueError("a depth read needs at least one source")
-    keys = torch.stack([_stat(s) for s in sources])  # [N, ..., d]
-    keys = keys * torch.rsqrt(keys.pow(2).mean(-1, keepdim=True) + eps) * _stat(gain)
-    return (keys * _stat(query)).sum(-1).softmax(dim=0)
+    dt = stats_dtype(sources[0].dtype)
+    keys = torch.stack([s.to(dt) for s in sources])  # [N, ..., d]
+    keys = keys * torch.rsqrt(keys.pow(2).mean(-1, keepdim=True) + eps) * gain.to(dt)
+    return (keys * query.to(dt)).sum(-1).softmax(dim=0)
 
 
 def depth_read(sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float = 1e-6) -> Tensor:
@@ -40,9 +41,9 @@ def depth_read(sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: floa
         eps: added to ``mean(v²)`` inside the RMS.
 
     Returns:
-        ``[..., d]`` in the sources' dtype. Statistics and the sum run in fp32, because in low
-        precision the query gradient suffers heavy cancellation (SPEC §2).
+        ``[..., d]`` in the sources' dtype. Statistics and the sum run in fp32 (fp64 for fp64
+        inputs), because in low precision the query gradient suffers heavy cancellation (SPEC §2).
     """
     weights = depth_weights(sources, query, gain, eps)  # [N, ...]
-    values = torch.stack([_stat(s) for s in sources])  # [N, ..., d]
+    values = torch.stack([s.to(weights.dtype) for s in sources])  # [N, ..., d]
     return (weights.unsqueeze(-1) * values).sum(0).to(sources[0].dtype)

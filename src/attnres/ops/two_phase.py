@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from attnres.ops.fused import depth_attend, fold_query, stat_dtype
+from attnres.ops.fused import depth_attend, fold_query
+from attnres.ops.reference import stats_dtype
 
 
 def phase1(
@@ -100,7 +101,7 @@ def phase2_merge(
         The read's output ``[..., d]`` in the partial's dtype, equal to a softmax read over the
         phase-1 sources plus ``partial``.
     """
-    cd = stat_dtype(partial.dtype)
+    cd = stats_dtype(partial.dtype)
     if o.shape != partial.shape or lse.shape != partial.shape[:-1]:
         raise ValueError(
             f"phase-2 shapes disagree: o {tuple(o.shape)}, lse {tuple(lse.shape)}, "

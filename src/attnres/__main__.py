@@ -1,0 +1,3 @@
+from attnres.cli import main
+
+main()

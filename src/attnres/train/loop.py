@@ -1,0 +1,248 @@
+"""The training loop: data, model, optimiser, evaluation, metrics, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from attnres.model import Transformer, lm_loss
+from attnres.train.checkpoint import CHECKPOINT_DIR, load_trainer_state, save_checkpoint
+from attnres.train.config import TrainConfig
+from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
+from attnres.train.optim import build_optimizer, lr_multiplier
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also written to ``OUT/result.json``)."""
+
+    variant: str
+    seed: int
+    steps: int
+    final_val_loss: float
+    final_train_loss: float
+    tokens_per_s: float
+    n_params: int
+    train_tokens: int
+    train_flops: float
+    seconds: float
+
+
+def model_flops_per_token(model: Transformer) -> float:
+    """Training FLOPs per token: ``6 * (non-embedding params)`` plus causal attention scores."""
+    cfg = model.cfg
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed."))
+    attention = 6 * cfg.n_layers * cfg.seq_len * cfg.d_model  # QK^T and AV, causal half, fwd + bwd
+    return 6.0 * params + attention
+
+
+def run_info() -> dict[str, Any]:
+    """Versions and git commit, written beside every run."""
+    import attnres
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(attnres.__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    info = {
+        "attnres": attnres.__version__,
+        "git_commit": commit or "unknown",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import tokenizers
+
+        info["tokenizers"] = tokenizers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(
+    model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> float:
+    """Token-weighted mean validation loss."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        total += lm_loss(model(x), y).item() * y.numel()
+        count += y.numel()
+    model.train()
+    return total / count
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    has_run = (out / "config.json").exists() or (out / CHECKPOINT_DIR).exists()
+    if resume and not (out / CHECKPOINT_DIR).exists():
+        raise FileNotFoundError(f"--resume: {out} has no checkpoint to resume from")
+    if not resume and has_run:
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> RunResult:
+    """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its checkpoint exactly.
+
+    ``stop_after`` ends the run early after that many optimiser steps (with a checkpoint), as an
+    interruption would; resuming then continues to ``cfg.train.steps``.
+    """
+    out = Path(out_dir)
+    _check_out_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    loop = cfg.train
+    if loop.threads:
+        torch.set_num_threads(loop.threads)
+    device = _device(loop.device)
+
+    corpus = load_corpus(cfg.data)
+    tokenizer = build_tokenizer(cfg.data, corpus)
+    if cfg.model.vocab_size != tokenizer.vocab_size:
+        log(f"model.vocab_size {cfg.model.vocab_size} -> {tokenizer.vocab_size} (the tokenizer's)")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    train_ids, val_ids = tokenize_corpus(cfg.data, corpus, tokenizer, tokenizer_key(tokenizer))
+    batches = Batches(train_ids, val_ids, cfg.model.seq_len, loop.batch_size, loop.data_seed)
+    val_batches = batches.val_batches(loop.eval_tokens)
+
+    torch.manual_seed(loop.seed)
+    model = Transformer(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    n_params = sum(p.numel() for p in model.parameters())
+    start = 0
+    if resume:
+        from attnres.train.checkpoint import load_model
+
+        saved, _ = load_model(out, device)
+        model.load_state_dict(saved.state_dict())
+        state = load_trainer_state(out)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        start = state["step"]
+        log(f"resumed {out} at step {start}")
+    else:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        (out / "run_info.json").write_text(json.dumps(run_info(), indent=2))
+        log(
+            f"{cfg.model.residual.variant}: {n_params / 1e6:.2f}M params, {len(train_ids):,} train / "
+            f"{len(val_ids):,} val tokens ({corpus.name}), device {device}"
+        )
+
+    metrics_path = out / "metrics.jsonl"
+    if resume and metrics_path.exists():  # drop records past the checkpoint (written before a crash)
+        kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= start]
+        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    metrics = metrics_path.open("a")
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(
+            out,
+            model,
+            cfg,
+            tokenizer,
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+            },
+        )
+
+    end = loop.steps if stop_after is None else min(loop.steps, start + stop_after)
+    tokens_per_step = loop.batch_size * cfg.model.seq_len
+    bar = tqdm(
+        range(start, end),
+        initial=start,
+        total=loop.steps,
+        disable=not loop.progress,
+        desc=cfg.model.residual.variant,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    loss_value, val_loss, timed_s, timed_steps = math.nan, math.nan, 0.0, 0
+    t_run = time.perf_counter()
+    for step in bar:
+        t0 = time.perf_counter()
+        x, y = (t.to(device) for t in batches.train_batch(step))
+        optimizer.set_lr(lr_multiplier(step, loop.steps, cfg.schedule))
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training loss became {loss_value} at step {step + 1}; lower optim.lr")
+        dt = time.perf_counter() - t0
+        if step > start:  # the first step pays one-off warm-up costs
+            timed_s, timed_steps = timed_s + dt, timed_steps + 1
+        record: dict[str, Any] = {
+            "step": step + 1,
+            "loss": loss_value,
+            "lr": optimizer.param_groups[0]["lr"],
+            "tokens_per_s": tokens_per_step / dt,
+        }
+        done = step + 1
+        if done % loop.eval_every == 0 or done == loop.steps:
+            val_loss = evaluate(model, val_batches, device)
+            record["val_loss"] = val_loss
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end:
+            checkpoint(done)
+    bar.close()
+    metrics.close()
+    if math.isnan(val_loss) and end > start:
+        val_loss = evaluate(model, val_batches, device)
+    tokens_per_s = tokens_per_step * timed_steps / timed_s if timed_s else math.nan
+    result = RunResult(
+        variant=cfg.model.residual.variant,
+        seed=loop.seed,
+        steps=end,
+        final_val_loss=val_loss,
+        final_train_loss=loss_value,
+        tokens_per_s=tokens_per_s,
+        n_params=n_params,
+        train_tokens=end * tokens_per_step,
+        train_flops=end * tokens_per_step * model_flops_per_token(model),
+        seconds=time.perf_counter() - t_run,
+    )
+    if end == loop.steps:
+        (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    return result

@@ -1,0 +1,117 @@
+"""Training end to end on the real Shakespeare corpus: learning, exact resume, compare, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from attnres.cli import main
+from attnres.configs import ConfigError, apply_overrides
+from attnres.model import Transformer
+from attnres.train import get_preset, train
+from attnres.train.checkpoint import load_model
+from attnres.train.compare import compare, summary_table
+from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
+from attnres.train.loop import evaluate
+
+
+def tiny(cache_dir: str, **overrides: str):
+    return apply_overrides(get_preset("tiny"), {"data.cache_dir": cache_dir, **overrides})
+
+
+def test_short_run_lowers_validation_loss(tmp_path, cache_dir) -> None:
+    cfg = tiny(cache_dir, **{"model.residual.variant": "block", "model.residual.block_size": "3"})
+    corpus = load_corpus(cfg.data)
+    tok = build_tokenizer(cfg.data, corpus)
+    batches = Batches(*tokenize_corpus(cfg.data, corpus, tok, tokenizer_key(tok)), 32, 4, 0)
+    torch.manual_seed(cfg.train.seed)
+    before = evaluate(Transformer(cfg.model), batches.val_batches(cfg.train.eval_tokens), torch.device("cpu"))
+    result = train(cfg, tmp_path / "run", log=lambda _: None)
+    assert before > math.log(257) - 0.1  # near-uniform at init
+    assert result.final_val_loss < before - 0.5
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    assert all("tokens_per_s" in m for m in metrics)
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(tmp_path, cache_dir, optimizer: str) -> None:
+    cfg = tiny(cache_dir, **{"model.residual.variant": "full", "optim.name": optimizer, "schedule.name": "wsd"})
+    train(cfg, tmp_path / "straight", log=lambda _: None)
+    train(cfg, tmp_path / "split", log=lambda _: None, stop_after=7)
+    assert not (tmp_path / "split" / "result.json").exists()
+    train(cfg, tmp_path / "split", resume=True, log=lambda _: None)
+
+    def losses(run: str) -> list[float]:
+        return [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses("split") == losses("straight")  # bit for bit, including step 8 right after resuming
+    a, _ = load_model(tmp_path / "straight")
+    b, _ = load_model(tmp_path / "split")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_existing_run_is_never_overwritten(tmp_path, cache_dir) -> None:
+    cfg = tiny(cache_dir, **{"train.steps": "2"})
+    train(cfg, tmp_path / "run", log=lambda _: None)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, tmp_path / "run", log=lambda _: None)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(cfg, tmp_path / "other", resume=True, log=lambda _: None)
+
+
+def test_compare_writes_summary_curves_and_table(tmp_path, cache_dir, capsys) -> None:
+    cfg = tiny(cache_dir, **{"train.steps": "6", "train.eval_every": "3"})
+    results = compare(cfg, ["prenorm", "full"], 2, tmp_path, log=lambda _: None)
+    assert [(r.variant, r.seed) for r in results] == [("prenorm", 0), ("prenorm", 1), ("full", 0), ("full", 1)]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"variant", "seed", "final_val_loss", "tokens_per_s", "n_params"} <= set(summary[0])
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+    table = summary_table(results)
+    assert "prenorm" in table and "full" in table and "±" in table
+    # Finished runs are reused, not retrained.
+    again = compare(cfg, ["prenorm", "full"], 2, tmp_path, log=print)
+    assert [dataclasses.asdict(r) for r in again] == [dataclasses.asdict(r) for r in results]
+    assert capsys.readouterr().out.count("reusing") == 4
+
+
+def test_same_data_order_for_every_variant(cache_dir) -> None:
+    cfg = tiny(cache_dir)
+    corpus = load_corpus(cfg.data)
+    tok = build_tokenizer(cfg.data, corpus)
+    ids = tokenize_corpus(cfg.data, corpus, tok, tokenizer_key(tok))
+    a, b = Batches(*ids, 32, 4, seed=5), Batches(*ids, 32, 4, seed=5)
+    assert torch.equal(a.train_batch(3)[0], b.train_batch(3)[0])
+    assert not torch.equal(a.train_batch(3)[0], a.train_batch(4)[0])
+    x, y = a.train_batch(0)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_cli_train_and_unknown_override(tmp_path, cache_dir, capsys) -> None:
+    main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--train.steps=3",
+          f"--data.cache_dir={cache_dir}", "--model.residual.variant", "block"])
+    assert "final validation loss" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["model"]["residual"]["variant"] == "block" and saved["train"]["steps"] == 3
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", "tiny", "--out", str(tmp_path / "s"), "--model.width=3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'model.width'" in err and "model.d_model" in err
+
+
+def test_override_types_are_checked() -> None:
+    cfg = get_preset("tiny")
+    with pytest.raises(ConfigError, match="train.steps expects an int"):
+        apply_overrides(cfg, {"train.steps": "many"})
+    with pytest.raises(ConfigError, match="model.tie_embeddings expects a bool"):
+        apply_overrides(cfg, {"model.tie_embeddings": "maybe"})
+    assert apply_overrides(cfg, {"model.residual.block_size": "none"}).model.residual.block_size is None
+    with pytest.raises(ValueError, match="unknown preset 'fast'; valid presets: .*quick"):
+        get_preset("fast")
