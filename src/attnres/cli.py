@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_compare)
+
+    from attnres.bench import register_bench
+
+    register_bench(sub)
     return parser
 
 
