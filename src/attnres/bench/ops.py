@@ -9,6 +9,7 @@ included), for ``reference`` and ``fused``; ``two_phase`` is phase 1 for a group
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -83,3 +84,20 @@ def table(result: dict) -> str:
             f"{r['speedup_vs_reference']:8.2f} {r['saved_mb_per_read']:14.2f}"
         )
     return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``attnres bench ops`` flags."""
+    p.add_argument("--n", default="2,4,8,16,33", help="comma-separated source counts N")
+    p.add_argument("--d", default="256,1024", help="comma-separated widths d")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens per read (batch × seq_len)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON line")
+
+
+def main(args: argparse.Namespace) -> None:
+    """``attnres bench ops``: the table on stdout; with ``--json`` one JSON line last."""
+    result = run(args)
+    print(table(result))
+    if args.json:
+        print(json.dumps(result))

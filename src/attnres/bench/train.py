@@ -11,6 +11,7 @@ gradients and AdamW state (4 × parameters): the CPU allocator has no peak count
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -94,3 +95,22 @@ def table(result: dict) -> str:
             f"{r['forward_ratio']:7.3f} {r['memory_mb']:8.1f} {r['memory_ratio']:6.3f}"
         )
     return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``attnres bench train`` flags."""
+    p.add_argument("--variants", default="prenorm,block,full", help="comma-separated names, or 'all'")
+    p.add_argument("--size", choices=("small", "reference"), default="small")
+    p.add_argument(
+        "--impls", default="reference,auto", help="depth-read implementations for AttnRes variants"
+    )
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON line")
+
+
+def main(args: argparse.Namespace) -> None:
+    """``attnres bench train``: the table on stdout; with ``--json`` one JSON line last."""
+    result = run(args)
+    print(table(result))
+    if args.json:
+        print(json.dumps(result))

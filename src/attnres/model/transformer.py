@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnres.model.cache import KVCache
 from attnres.model.config import ModelConfig
 from attnres.residuals import build_residual
 
@@ -25,17 +26,24 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tens
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [B, H, T, hd]`` by position; ``cos``/``sin`` are ``[T, hd/2]`` (rotate-half layout)."""
+    """Rotate ``x [B, H, T, hd]`` by position (rotate-half layout).
+
+    ``cos``/``sin`` are ``[T, hd/2]``, or ``[B, 1, T, hd/2]`` when rows have their own positions.
+    """
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention, including its own pre-norm."""
+    """Causal grouped-query self-attention, including its own pre-norm.
 
-    def __init__(self, cfg: ModelConfig, norm: bool = True) -> None:
+    ``layer`` is this attention's Transformer-layer index: its row in a :class:`KVCache`.
+    """
+
+    def __init__(self, cfg: ModelConfig, norm: bool = True, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if norm else nn.Identity()
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
@@ -43,21 +51,28 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
         B, T, _ = h.shape
         x = self.norm(h)
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v, mask = cache.update(self.layer, k, v)  # all cached slots: [B, Hkv, S, hd]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # [B, T, d]
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward, including its own pre-norm."""
+    """SwiGLU feed-forward, including its own pre-norm.
+
+    It ignores ``cos``, ``sin`` and ``cache``: every sublayer takes the same arguments, so the
+    layer loop never branches on the sublayer type.
+    """
 
     def __init__(self, cfg: ModelConfig, norm: bool = True) -> None:
         super().__init__()
@@ -66,7 +81,7 @@ class MLP(nn.Module):
         self.w_up = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
         self.w_down = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
         x = self.norm(h)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
@@ -84,7 +99,7 @@ class Transformer(nn.Module):
         self.residual = build_residual(cfg.residual, cfg.d_model, cfg.n_sublayers)
         norm = type(self.residual).sublayer_norm
         self.sublayers = nn.ModuleList(
-            block for _ in range(cfg.n_layers) for block in (Attention(cfg, norm), MLP(cfg, norm))
+            block for i in range(cfg.n_layers) for block in (Attention(cfg, norm, i), MLP(cfg, norm))
         )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -148,20 +163,65 @@ class Transformer(nn.Module):
                     f"[{lo}, {hi}]; was the data tokenized with a different tokenizer?"
                 )
 
-    def hidden(self, tokens: Tensor) -> Tensor:
-        """The final read's output ``[B, T, d]``, before the final norm."""
+    def hidden(
+        self,
+        tokens: Tensor,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The final read's output ``[B, T, d]``, before the final norm.
+
+        Args:
+            tokens: ``[B, T]`` token ids.
+            cache: a :class:`KVCache`; the tokens continue the sequences cached so far, their keys
+                and values are appended to it. ``None``: a plain causal forward from position 0
+                (training).
+            positions: ``[B, T]`` RoPE positions. ``None``: ``0 … T-1`` without a cache; with one,
+                each row continues from its own count of real tokens.
+            attention_mask: ``[B, T]``, false (or 0) marks padding, which no token attends to
+                (needs ``cache``; left-pad prompts of different lengths).
+        """
         self.check_tokens(tokens)
         T = tokens.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if cache is not None:
+            row_positions = cache.begin(T, attention_mask)
+            positions = row_positions if positions is None else positions
+        elif attention_mask is not None:
+            raise ValueError("attention_mask needs a KVCache: pass cache=KVCache(model.cfg, batch, T)")
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            self._check_positions(positions, tokens.shape)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, hd/2]
         state = self.residual.init_state(self.embed(tokens))
         for layer, sublayer in enumerate(self.sublayers):
-            out = sublayer(self.residual.layer_input(state, layer), cos, sin)
+            out = sublayer(self.residual.layer_input(state, layer), cos, sin, cache=cache)
             state = self.residual.update(state, layer, out)
         return self.residual.final(state)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Logits ``[B, T, vocab]`` for token ids ``[B, T]``."""
-        return self.lm_head(self.norm(self.hidden(tokens)))
+    def _check_positions(self, positions: Tensor, shape: torch.Size) -> None:
+        if positions.shape != shape:
+            raise ValueError(
+                f"positions must match tokens' shape {tuple(shape)}, got {tuple(positions.shape)}"
+            )
+        if positions.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(positions.min()), int(positions.max())
+            if lo < 0 or hi >= self.cfg.seq_len:
+                raise ValueError(
+                    f"positions must lie in [0, {self.cfg.seq_len}) (model.seq_len), got [{lo}, {hi}]; "
+                    "the sequence has outgrown the context: generate fewer tokens or raise seq_len"
+                )
+
+    def forward(
+        self,
+        tokens: Tensor,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits ``[B, T, vocab]`` for token ids ``[B, T]``; the arguments are those of :meth:`hidden`."""
+        return self.lm_head(self.norm(self.hidden(tokens, cache, positions, attention_mask)))
 
 
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:

@@ -154,6 +154,34 @@ class LoopConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Multi-process training under ``torchrun`` (``attnres.distributed``).
+
+    Attributes:
+        dp_shard: shard parameters, gradients and optimiser state with FSDP2 ``fully_shard``
+            instead of replicating them with DDP. Only matters with more than one process.
+        pp: pipeline stages. Pipeline parallelism is a library API for now
+            (``attnres.distributed.PipelineRunner``); ``attnres train`` needs ``pp = 1``.
+        vpp: virtual pipeline stages per rank (same restriction).
+        attnres_cache: cross-stage caching of AttnRes blocks in the pipeline.
+    """
+
+    dp_shard: bool = False
+    pp: int = 1
+    vpp: int = 1
+    attnres_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pp < 1 or self.vpp < 1:
+            raise ValueError(f"parallel.pp and parallel.vpp must be >= 1, got {self.pp} and {self.vpp}")
+        if self.pp * self.vpp > 1:
+            raise ValueError(
+                "pipeline parallelism is not wired into `attnres train` yet; set parallel.pp=1 and "
+                "parallel.vpp=1, or drive attnres.distributed.PipelineRunner from your own loop"
+            )
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs; written to ``OUT/config.json``."""
 
@@ -162,3 +190,4 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -16,6 +16,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from attnres.distributed.data_parallel import (
+    checkpoint_model,
+    init_distributed,
+    load_optimizer_state,
+    mean_over_ranks,
+    optimizer_state,
+    shard_batch,
+    unwrap,
+    wrap_model,
+)
 from attnres.model import Transformer, lm_loss
 from attnres.train.checkpoint import CHECKPOINT_DIR, load_trainer_state, save_checkpoint
 from attnres.train.config import TrainConfig
@@ -124,12 +134,17 @@ def train(
     interruption would; resuming then continues to ``cfg.train.steps``.
     """
     out = Path(out_dir)
-    _check_out_dir(out, resume)
-    out.mkdir(parents=True, exist_ok=True)
     loop = cfg.train
     if loop.threads:
         torch.set_num_threads(loop.threads)
     device = _device(loop.device)
+    env = init_distributed(device.type)  # under torchrun: join the group; rank 0 alone writes
+    device = env.device if env.distributed else device
+    if env.is_main:
+        _check_out_dir(out, resume)
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        log = lambda _msg: None  # noqa: E731
 
     corpus = load_corpus(cfg.data)
     tokenizer = build_tokenizer(cfg.data, corpus)
@@ -142,45 +157,43 @@ def train(
 
     torch.manual_seed(loop.seed)
     model = Transformer(cfg.model).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
     n_params = sum(p.numel() for p in model.parameters())
     start = 0
-    if resume:
+    if resume:  # full weights, so any world size can resume
         from attnres.train.checkpoint import load_model
 
         saved, _ = load_model(out, device)
         model.load_state_dict(saved.state_dict())
+    model = wrap_model(model, cfg.parallel.dp_shard, env)
+    optimizer = build_optimizer(unwrap(model), cfg.optim)
+    if resume:
         state = load_trainer_state(out)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer.optimizers, state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         start = state["step"]
         log(f"resumed {out} at step {start}")
-    else:
+    elif env.is_main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         (out / "run_info.json").write_text(json.dumps(run_info(), indent=2))
         log(
             f"{cfg.model.residual.variant}: {n_params / 1e6:.2f}M params, {len(train_ids):,} train / "
-            f"{len(val_ids):,} val tokens ({corpus.name}), device {device}"
+            f"{len(val_ids):,} val tokens ({corpus.name}), device {device}, "
+            f"{env.world_size} {'FSDP2' if cfg.parallel.dp_shard else 'DDP'} rank(s)"
         )
 
     metrics_path = out / "metrics.jsonl"
-    if resume and metrics_path.exists():  # drop records past the checkpoint (written before a crash)
+    # drop records past the checkpoint (written before a crash)
+    if env.is_main and resume and metrics_path.exists():
         kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= start]
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    metrics = metrics_path.open("a")
+    metrics = metrics_path.open("a") if env.is_main else None
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(
-            out,
-            model,
-            cfg,
-            tokenizer,
-            {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-            },
-        )
+        plain = checkpoint_model(model, lambda: Transformer(cfg.model))  # collectives under FSDP2
+        optim_state = optimizer_state(model, optimizer.optimizers)
+        if env.is_main:
+            trainer_state = {"step": step, "optimizer": optim_state, "rng_cpu": torch.get_rng_state()}
+            save_checkpoint(out, plain, cfg, tokenizer, trainer_state)
 
     end = loop.steps if stop_after is None else min(loop.steps, start + stop_after)
     tokens_per_step = loop.batch_size * cfg.model.seq_len
@@ -188,7 +201,7 @@ def train(
         range(start, end),
         initial=start,
         total=loop.steps,
-        disable=not loop.progress,
+        disable=not loop.progress or not env.is_main,
         desc=cfg.model.residual.variant,
         unit="step",
         dynamic_ncols=True,
@@ -197,7 +210,7 @@ def train(
     t_run = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
-        x, y = (t.to(device) for t in batches.train_batch(step))
+        x, y = (shard_batch(t, env).to(device) for t in batches.train_batch(step))
         optimizer.set_lr(lr_multiplier(step, loop.steps, cfg.schedule))
         loss = lm_loss(model(x), y)
         loss.backward()
@@ -205,7 +218,7 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad()
-        loss_value = loss.item()
+        loss_value = mean_over_ranks(loss, env).item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss became {loss_value} at step {step + 1}; lower optim.lr")
         dt = time.perf_counter() - t0
@@ -221,13 +234,15 @@ def train(
         if done % loop.eval_every == 0 or done == loop.steps:
             val_loss = evaluate(model, val_batches, device)
             record["val_loss"] = val_loss
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
         bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
         if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end:
             checkpoint(done)
     bar.close()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     if math.isnan(val_loss) and end > start:
         val_loss = evaluate(model, val_batches, device)
     tokens_per_s = tokens_per_step * timed_steps / timed_s if timed_s else math.nan
@@ -240,9 +255,9 @@ def train(
         tokens_per_s=tokens_per_s,
         n_params=n_params,
         train_tokens=end * tokens_per_step,
-        train_flops=end * tokens_per_step * model_flops_per_token(model),
+        train_flops=end * tokens_per_step * model_flops_per_token(unwrap(model)),
         seconds=time.perf_counter() - t_run,
     )
-    if end == loop.steps:
+    if end == loop.steps and env.is_main:
         (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     return result

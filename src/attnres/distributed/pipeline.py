@@ -1,0 +1,482 @@
+"""Pipeline parallelism with AttnRes cross-stage caching (SPEC §6, paper §4.1).
+
+The model stays single-device code. :func:`split_model` cuts a full :class:`Transformer` into
+``C = pp * vpp`` chunks from the outside: chunk ``c`` owns a contiguous range of ``model.sublayers``
+(plus ``embed`` on chunk 0, ``norm`` and ``lm_head`` on chunk ``C-1``), and the rows of the residual
+scheme's per-read-site parameters (``query[l]``, ``key_gain[l]``) for the read sites it executes.
+Everything else is deleted. Chunks are placed in a loop: chunk ``c`` lives on rank ``c % pp``.
+
+What crosses a chunk boundary is the residual state. For Block/Full AttnRes that is the completed
+blocks ``b_0 … b_g`` plus the live partial sum; for PreNorm it is one hidden tensor.
+
+Cross-stage caching (``cache``):
+
+``"off"``
+    every transition sends all completed blocks plus the partial (SPEC Eq. 7).
+``"received"``
+    a rank keeps, per micro-batch, the blocks it has *received*; a transition into chunk ``c`` skips
+    the blocks that entered chunk ``c - pp``. This is the paper's accounting (SPEC Eq. 8).
+``"seen"``
+    a rank also keeps the blocks it sealed itself in chunk ``c - pp``, so it is never sent its own
+    blocks back. Strictly fewer bytes than ``"received"`` once ``vpp > 1``.
+
+The backward pass mirrors the forward: a gradient crosses exactly the links its block crossed,
+in reverse. The gradient of a block a chunk took from its rank's cache is accumulated on that rank
+and added, once, to the output gradient of the chunk that put it in the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from attnres.model import Transformer, lm_loss
+from attnres.residuals.attnres import DepthState
+
+CACHE_MODES = ("off", "received", "seen")
+
+
+def _flatten(state: Any) -> list[Tensor]:
+    """The tensors a residual state consists of: completed blocks, then the live partial/hidden."""
+    if isinstance(state, DepthState):
+        return [*state.blocks, state.partial]
+    if isinstance(state, Tensor):
+        return [state]
+    raise TypeError(
+        f"pipeline parallelism supports residual states that are a DepthState (block, full) or one "
+        f"tensor (prenorm and friends); got {type(state).__name__}"
+    )
+
+
+def _unflatten(like: Any, tensors: Sequence[Tensor]) -> Any:
+    if isinstance(like, DepthState):
+        return DepthState(blocks=tuple(tensors[:-1]), partial=tensors[-1])
+    (hidden,) = tensors
+    return hidden
+
+
+def even_bounds(n_sublayers: int, n_chunks: int) -> tuple[int, ...]:
+    """Sublayer boundaries ``[0, …, L]`` of ``n_chunks`` contiguous chunks; sizes differ by at most 1."""
+    if n_chunks > n_sublayers:
+        raise ValueError(
+            f"the model has {n_sublayers} sublayers (2 per layer) but pp * vpp = {n_chunks} pipeline "
+            "chunks; every chunk needs at least one sublayer: lower --parallel.pp / --parallel.vpp "
+            "or raise model.n_layers"
+        )
+    base, extra = divmod(n_sublayers, n_chunks)
+    bounds = [0]
+    for c in range(n_chunks):
+        bounds.append(bounds[-1] + base + (c < extra))
+    return tuple(bounds)
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """Where the sublayers and the blocks fall on the ``C = pp * vpp`` chunks.
+
+    Attributes:
+        pp: physical stages ``P`` (ranks).
+        vpp: virtual stages ``V`` per rank.
+        bounds: ``C + 1`` sublayer indices; chunk ``c`` owns sublayers ``bounds[c] … bounds[c+1]-1``.
+        blocks_in: per chunk, completed blocks in the state entering it (0 for chunk 0).
+        blocks_out: per chunk, completed blocks in the state leaving it.
+        carries_blocks: whether the residual state has blocks (AttnRes) or is one tensor.
+    """
+
+    pp: int
+    vpp: int
+    bounds: tuple[int, ...]
+    blocks_in: tuple[int, ...]
+    blocks_out: tuple[int, ...]
+    carries_blocks: bool
+
+    @property
+    def n_chunks(self) -> int:
+        return self.pp * self.vpp
+
+    def rank_of(self, chunk: int) -> int:
+        """Loop placement: chunk ``c`` runs on rank ``c % pp``."""
+        return chunk % self.pp
+
+    def chunks_of(self, rank: int) -> list[int]:
+        """The chunks on ``rank``, in virtual-stage order."""
+        return list(range(rank, self.n_chunks, self.pp))
+
+    def known(self, chunk: int, cache: str) -> int:
+        """How many leading blocks the rank of ``chunk`` already holds when the state arrives."""
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        if cache == "off" or chunk < self.pp or not self.carries_blocks:
+            return 0
+        previous = chunk - self.pp  # the same rank's previous chunk for this micro-batch
+        return self.blocks_in[previous] if cache == "received" else self.blocks_out[previous]
+
+    def sent_blocks(self, chunk: int, cache: str) -> int:
+        """Blocks sent over the link into ``chunk`` (besides the partial), per micro-batch and token."""
+        return self.blocks_out[chunk - 1] - self.known(chunk, cache)
+
+
+def make_layout(
+    model: Transformer, pp: int, vpp: int = 1, bounds: Sequence[int] | None = None
+) -> PipelineLayout:
+    """Split ``model``'s sublayers over ``pp * vpp`` chunks (evenly unless ``bounds`` is given).
+
+    Block counts come from running the residual scheme's own bookkeeping (``init_state`` and
+    ``update``) on scalar stand-ins, so the layout follows whatever sealing rule the scheme has.
+    """
+    if pp < 1 or vpp < 1:
+        raise ValueError(f"--parallel.pp and --parallel.vpp must be >= 1, got pp={pp}, vpp={vpp}")
+    L, C = model.cfg.n_sublayers, pp * vpp
+    bounds = tuple(bounds) if bounds is not None else even_bounds(L, C)
+    if len(bounds) != C + 1 or bounds[0] != 0 or bounds[-1] != L:
+        raise ValueError(f"bounds must be {C + 1} sublayer indices from 0 to {L}, got {bounds}")
+    if any(b >= e for b, e in itertools.pairwise(bounds)):
+        raise ValueError(f"every pipeline chunk needs at least one sublayer; bounds {bounds} leave one empty")
+    if C > 1 and model.cfg.tie_embeddings:
+        raise ValueError(
+            "tied embeddings put embed and lm_head on different pipeline ranks; "
+            "set model.tie_embeddings=false to use pipeline parallelism"
+        )
+    scheme = model.residual
+    state = scheme.init_state(torch.zeros(1))
+    carries_blocks = isinstance(state, DepthState)
+    counts = [len(_flatten(state)) - 1]  # completed blocks after each sublayer boundary
+    for layer in range(L):
+        state = scheme.update(state, layer, torch.zeros(1))
+        counts.append(len(_flatten(state)) - 1)
+    blocks_in = tuple(0 if c == 0 else counts[bounds[c]] for c in range(C))
+    blocks_out = tuple(counts[bounds[c + 1]] for c in range(C))
+    return PipelineLayout(pp, vpp, bounds, blocks_in, blocks_out, carries_blocks)
+
+
+class SiteRows(nn.Module):
+    """The rows of a per-read-site parameter ``[L+1, ...]`` for the read sites one chunk owns.
+
+    Indexing by a global site id returns that site's row, so the residual scheme's own
+    ``self.query[site]`` keeps working; an unowned site is an error, never a silent stale row.
+    """
+
+    def __init__(self, full: Tensor, sites: Sequence[int]) -> None:
+        super().__init__()
+        self.sites = tuple(sites)
+        self._row = {site: i for i, site in enumerate(self.sites)}
+        self.rows = nn.Parameter(full.detach()[list(self.sites)].clone())
+
+    def __getitem__(self, site: int) -> Tensor:
+        if site not in self._row:
+            raise IndexError(
+                f"read site {site} belongs to another pipeline chunk (this one owns {self.sites})"
+            )
+        return self.rows[self._row[site]]
+
+
+def _slice_residual(scheme: nn.Module, sites: Sequence[int], n_sites: int) -> nn.Module:
+    """A copy of ``scheme`` holding only the per-read-site parameter rows of ``sites``."""
+    scheme = copy.deepcopy(scheme)
+    if any(True for _ in scheme.children()):
+        raise ValueError(
+            f"cannot split residual scheme {type(scheme).__name__} with submodules over a pipeline"
+        )
+    for name, p in list(scheme.named_parameters(recurse=False)):
+        if p.dim() == 0 or p.shape[0] != n_sites:
+            raise ValueError(
+                f"residual parameter {name!r} {tuple(p.shape)} is not per read site ([L+1, ...]); "
+                f"{type(scheme).__name__} cannot be split over a pipeline"
+            )
+        delattr(scheme, name)
+        setattr(scheme, name, SiteRows(p, sites))
+    return scheme
+
+
+class PipelineChunk(nn.Module):
+    """Chunk ``index`` of a pipelined :class:`Transformer`: the modules it owns, copied out of the model.
+
+    ``forward`` takes token ids ``[B, T]`` on chunk 0 and the residual state elsewhere; it returns
+    the residual state, or logits ``[B, T, vocab]`` on the last chunk.
+    """
+
+    def __init__(self, model: Transformer, layout: PipelineLayout, index: int) -> None:
+        super().__init__()
+        self.cfg = model.cfg
+        self.index = index
+        self.start, self.stop = layout.bounds[index], layout.bounds[index + 1]
+        self.is_first, self.is_last = index == 0, index == layout.n_chunks - 1
+        L = model.cfg.n_sublayers
+        self.sites = [*range(self.start, self.stop), *([L] if self.is_last else [])]
+        self.embed = copy.deepcopy(model.embed) if self.is_first else None
+        self.sublayers = nn.ModuleList(
+            copy.deepcopy(model.sublayers[i]) for i in range(self.start, self.stop)
+        )
+        self.residual = _slice_residual(model.residual, self.sites, L + 1)
+        self.norm = copy.deepcopy(model.norm) if self.is_last else None
+        self.lm_head = copy.deepcopy(model.lm_head) if self.is_last else None
+        self.register_buffer("rope_cos", model.rope_cos.clone(), persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin.clone(), persistent=False)
+
+    def forward(self, inp: Any) -> Any:
+        if self.is_first:
+            Transformer.check_tokens(self, inp)  # only reads self.cfg
+            state = self.residual.init_state(self.embed(inp))
+        else:
+            state = inp
+        T = _flatten(state)[-1].shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for i, sublayer in enumerate(self.sublayers):
+            layer = self.start + i
+            state = self.residual.update(
+                state, layer, sublayer(self.residual.layer_input(state, layer), cos, sin)
+            )
+        if self.is_last:
+            return self.lm_head(self.norm(self.residual.final(state)))
+        return state
+
+    def global_names(self) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+        """Local parameter name -> (name in the full model, owned rows or ``None`` for the whole tensor)."""
+        out: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+        for name, _ in self.named_parameters():
+            if name.startswith("sublayers."):
+                _, i, rest = name.split(".", 2)
+                out[name] = (f"sublayers.{self.start + int(i)}.{rest}", None)
+            elif name.startswith("residual.") and name.endswith(".rows"):
+                out[name] = (name.removesuffix(".rows"), tuple(self.sites))
+            else:
+                out[name] = (name, None)
+        return out
+
+
+def split_model(
+    model: Transformer, pp: int, vpp: int = 1, rank: int | None = None, bounds: Sequence[int] | None = None
+) -> tuple[PipelineLayout, list[PipelineChunk]]:
+    """Cut ``model`` into ``pp * vpp`` chunks; with ``rank``, build only that rank's ``vpp`` chunks."""
+    layout = make_layout(model, pp, vpp, bounds)
+    indices = layout.chunks_of(rank) if rank is not None else range(layout.n_chunks)
+    return layout, [PipelineChunk(model, layout, c) for c in indices]
+
+
+def schedule(rank: int, pp: int, vpp: int, n_microbatches: int) -> list[tuple[str, int, int]]:
+    """The ordered ``("F" | "B", chunk, microbatch)`` ops of ``rank``.
+
+    GPipe for ``vpp == 1`` (all forwards, then all backwards); otherwise interleaved 1F1B
+    (Megatron-LM's order: micro-batches in groups of ``pp``, warm-up of
+    ``2 (pp - rank - 1) + (vpp - 1) pp`` forwards, then one forward / one backward).
+    """
+    M = n_microbatches
+    if vpp == 1:
+        return [("F", rank, m) for m in range(M)] + [("B", rank, m) for m in range(M)]
+    if M % pp:
+        raise ValueError(
+            f"interleaved 1F1B needs the number of micro-batches ({M}) to be a multiple of "
+            f"--parallel.pp={pp}; change --parallel.microbatches"
+        )
+    total = M * vpp
+
+    def op(kind: str, k: int) -> tuple[str, int, int]:
+        group, within = divmod(k, pp * vpp)
+        v = within // pp
+        if kind == "B":
+            v = vpp - 1 - v
+        return (kind, v * pp + rank, group * pp + within % pp)
+
+    warmup = total if pp == M else min(total, 2 * (pp - rank - 1) + (vpp - 1) * pp)
+    ops = [op("F", k) for k in range(warmup)]
+    for i in range(total - warmup):
+        ops += [op("F", warmup + i), op("B", i)]
+    return ops + [op("B", k) for k in range(total - warmup, total)]
+
+
+def pack(tensors: Sequence[Tensor]) -> Tensor:
+    """One contiguous ``[n, B, T, d]`` message from ``n`` tensors ``[B, T, d]``.
+
+    gloo sends only contiguous memory, and boundary gradients often are not (expanded zeros,
+    transposed views), so every message is copied into a fresh buffer.
+    """
+    return torch.stack([t.detach() for t in tensors]).contiguous()  # [n, B, T, d]
+
+
+@dataclass
+class CommRecord:
+    """One message: ``direction`` ``"fwd"``/``"bwd"`` over transition ``j`` (the link into chunk ``j``)."""
+
+    direction: str
+    transition: int
+    microbatch: int
+    tensors: int
+    blocks: int
+    elements: int
+    bytes: int
+
+
+@dataclass
+class CommStats:
+    """Every message this rank sent in one step; merge the ranks' records to get the whole pipeline."""
+
+    records: list[CommRecord] = field(default_factory=list)
+
+    def total(self, direction: str, what: str = "bytes") -> int:
+        return sum(getattr(r, what) for r in self.records if r.direction == direction)
+
+    def per_transition(self, direction: str, what: str = "bytes") -> dict[int, int]:
+        out: dict[int, int] = {}
+        for r in self.records:
+            if r.direction == direction:
+                out[r.transition] = out.get(r.transition, 0) + getattr(r, what)
+        return dict(sorted(out.items()))
+
+
+class PipelineRunner:
+    """Runs one rank's chunks through a training step with point-to-point ``torch.distributed`` ops.
+
+    Args:
+        chunks: this rank's chunks, in virtual-stage order (``split_model(..., rank=rank)``).
+        layout: the pipeline layout.
+        cache: ``"off"``, ``"received"`` or ``"seen"`` (module docstring).
+        group: process group of the ``pp`` ranks (default: the world).
+    """
+
+    def __init__(
+        self,
+        chunks: Sequence[PipelineChunk],
+        layout: PipelineLayout,
+        cache: str = "seen",
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        self.layout, self.cache, self.group = layout, cache, group
+        self.rank = dist.get_rank(group)
+        if dist.get_world_size(group) != layout.pp:
+            raise ValueError(
+                f"pipeline has pp={layout.pp} stages but the process group has {dist.get_world_size(group)}"
+            )
+        self.chunks = {chunk.index: chunk for chunk in chunks}
+        if sorted(self.chunks) != layout.chunks_of(self.rank):
+            raise ValueError(
+                f"rank {self.rank} must hold chunks {layout.chunks_of(self.rank)}, got {sorted(self.chunks)}"
+            )
+
+    def _peer(self, chunk: int) -> int:
+        return (
+            dist.get_global_rank(self.group, self.layout.rank_of(chunk))
+            if self.group
+            else self.layout.rank_of(chunk)
+        )
+
+    def _tag(self, direction: int, transition: int, microbatch: int) -> int:
+        return (direction * self.layout.n_chunks + transition) * self._n_mb + microbatch
+
+    def _send(
+        self, tensors: Sequence[Tensor], direction: str, transition: int, microbatch: int, dst_chunk: int
+    ) -> None:
+        buf = pack(tensors)
+        blocks = len(tensors) - 1 if self.layout.carries_blocks else 0
+        self.stats.records.append(
+            CommRecord(
+                direction,
+                transition,
+                microbatch,
+                len(tensors),
+                blocks,
+                buf.numel(),
+                buf.numel() * buf.element_size(),
+            )
+        )
+        tag = self._tag(direction == "bwd", transition, microbatch)
+        self._pending_sends.append((dist.isend(buf, self._peer(dst_chunk), self.group, tag), buf))
+
+    def _recv(self, n: int, direction: str, transition: int, microbatch: int, src_chunk: int) -> list[Tensor]:
+        buf = torch.full(
+            (n, *self._act_shape), float("nan"), dtype=self._dtype, device=self._device
+        )  # NaN: a short receive shows
+        dist.recv(
+            buf, self._peer(src_chunk), self.group, self._tag(direction == "bwd", transition, microbatch)
+        )
+        return list(buf.unbind(0))
+
+    def step(self, tokens: Tensor, targets: Tensor, n_microbatches: int) -> tuple[float, CommStats]:
+        """Forward and backward of one batch; parameter gradients accumulate in the chunks.
+
+        Every rank passes the same ``tokens``/``targets`` ``[B, T]`` (only chunk 0 reads the tokens,
+        only the last chunk the targets). The loss is the mean over micro-batches of
+        :func:`lm_loss`, which equals the full batch's loss, and is returned on every rank.
+        """
+        layout, P, C, M = self.layout, self.layout.pp, self.layout.n_chunks, n_microbatches
+        if tokens.shape[0] % M:
+            raise ValueError(f"batch size {tokens.shape[0]} is not divisible by {M} micro-batches")
+        token_mbs, target_mbs = tokens.chunk(M), targets.chunk(M)
+        some_chunk = next(iter(self.chunks.values()))
+        param = next(some_chunk.parameters())
+        self._n_mb, self._dtype, self._device = M, param.dtype, param.device
+        self._act_shape = (tokens.shape[0] // M, tokens.shape[1], some_chunk.cfg.d_model)
+        self.stats, self._pending_sends = CommStats(), []
+        cache: dict[int, list[Tensor]] = {}  # micro-batch -> blocks leaving this rank's latest chunk
+        inputs: dict[tuple[int, int], list[Tensor]] = {}  # (chunk, mb) -> input leaves
+        outputs: dict[tuple[int, int], Any] = {}  # (chunk, mb) -> output tensors, or the loss
+        local_grads: dict[tuple[int, int], list[Tensor]] = {}  # (chunk, mb) -> grads of its cached blocks
+        like = self._state_template()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)  # NCCL needs it on the GPU
+
+        for kind, c, m in schedule(self.rank, P, layout.vpp, M):
+            if kind == "F":
+                if c == 0:
+                    leaves, inp = [], token_mbs[m]
+                else:
+                    k = layout.known(c, self.cache)
+                    n_wire = layout.blocks_out[c - 1] - k + 1 if layout.carries_blocks else 1
+                    wire = self._recv(n_wire, "fwd", c, m, c - 1)
+                    leaves = [t.detach().requires_grad_() for t in cache.get(m, [])[:k] + wire]
+                    inp = _unflatten(like, leaves)
+                inputs[c, m] = leaves
+                out = self.chunks[c](inp)
+                if c == C - 1:
+                    loss = lm_loss(out, target_mbs[m]) / M
+                    loss_sum += loss.detach().double()
+                    outputs[c, m] = loss
+                    cache.pop(m, None)
+                else:
+                    flat = _flatten(out)
+                    outputs[c, m] = flat
+                    if c + P < C:  # this rank runs the micro-batch again: keep its blocks
+                        cache[m] = flat[:-1]
+                    else:
+                        cache.pop(m, None)
+                    self._send(flat[layout.known(c + 1, self.cache) :], "fwd", c + 1, m, c + 1)
+            else:
+                if c == C - 1:
+                    outputs.pop((c, m)).backward()
+                else:
+                    flat = outputs.pop((c, m))
+                    k_next = layout.known(c + 1, self.cache)
+                    grads: list[Tensor | None] = [None] * k_next + self._recv(
+                        len(flat) - k_next, "bwd", c + 1, m, c + 1
+                    )
+                    for i, g in enumerate(local_grads.pop((c, m), [])):  # from chunk c + P's cached reads
+                        grads[i] = g if grads[i] is None else grads[i] + g
+                    pairs = [
+                        (t, g) for t, g in zip(flat, grads, strict=True) if g is not None and t.requires_grad
+                    ]
+                    torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+                leaves = inputs.pop((c, m))
+                if c > 0:
+                    in_grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+                    k = layout.known(c, self.cache)
+                    if k:
+                        local_grads[c - P, m] = in_grads[:k]
+                    self._send(in_grads[k:], "bwd", c, m, c - 1)
+
+        for work, _ in self._pending_sends:
+            work.wait()
+        if inputs or outputs or local_grads or cache:
+            raise RuntimeError("pipeline step left unconsumed state; the schedule is inconsistent")
+        dist.broadcast(loss_sum, self._peer(C - 1), self.group)
+        return float(loss_sum), self.stats
+
+    def _state_template(self) -> Any:
+        any_chunk = next(iter(self.chunks.values()))
+        return any_chunk.residual.init_state(torch.zeros(1))

@@ -1,0 +1,138 @@
+"""Convert between our checkpoints (``attnres train``) and transformers directories.
+
+``to_hf(ckpt, out)`` writes ``out/`` with ``config.json`` (``model_type="attnres"``),
+``model.safetensors`` (keys ``model.transformer.<native key>``), ``generation_config.json``, the
+tokenizer as a ``PreTrainedTokenizerFast`` (``tokenizer.json`` + ``tokenizer_config.json``, so
+``AutoTokenizer`` loads it offline), and ``attnres_train_config.json``: the full training config,
+which lets ``from_hf`` restore the checkpoint exactly. ``from_hf(hf_dir, out)`` writes
+``out/checkpoint/`` in the layout ``attnres.train.checkpoint.load_model`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from attnres.configs import from_dict
+from attnres.hf.config import AttnResConfig
+from attnres.hf.modeling import AttnResForCausalLM
+from attnres.model import Transformer
+
+TRAIN_CONFIG_FILE = "attnres_train_config.json"
+
+
+def to_hf_model(model: Transformer, **config_kwargs: Any) -> AttnResForCausalLM:
+    """Wrap a copy of ``model``'s weights in an :class:`AttnResForCausalLM` (bit-exact)."""
+    hf = AttnResForCausalLM(AttnResConfig.from_model_config(model.cfg, **config_kwargs))
+    hf.transformer.load_state_dict(model.state_dict())
+    return hf.to(next(model.parameters()).dtype)
+
+
+def from_hf_model(hf: AttnResForCausalLM) -> Transformer:
+    """A native :class:`Transformer` with a copy of ``hf``'s weights (bit-exact)."""
+    model = Transformer(hf.config.to_model_config())
+    model.load_state_dict(hf.transformer.state_dict())
+    return model.to(hf.dtype)
+
+
+def _byte_level_chars() -> list[str]:
+    """GPT-2's byte -> printable character table, as byte-level BPE vocabularies spell bytes.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes map, in order, to U+0100….
+    """
+    printable = {
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    }
+    chars, shifted = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    return chars
+
+
+def byte_tokenizer_json(eot: str) -> str:
+    """A ``tokenizers`` JSON equal to our byte tokenizer: byte ``b`` is id ``b``, ``eot`` is id 256."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: b for b, c in enumerate(_byte_level_chars())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([eot])
+    return tok.to_str()
+
+
+def hf_tokenizer(ckpt: str | Path) -> Any:
+    """Our checkpoint's tokenizer as a transformers ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from attnres.train.data import EOT, ByteTokenizer, load_tokenizer
+
+    ours = load_tokenizer(ckpt)
+    is_byte = isinstance(ours, ByteTokenizer)
+    backend = Tokenizer.from_str(byte_tokenizer_json(EOT)) if is_byte else ours.tok
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT)
+
+
+def to_hf(ckpt: str | Path, out: str | Path) -> Path:
+    """Convert the checkpoint of ``attnres train`` (run dir or checkpoint dir) to a transformers dir."""
+    from attnres.train.checkpoint import load_model
+
+    model, train_cfg = load_model(ckpt)
+    tokenizer = hf_tokenizer(ckpt)
+    out = Path(out)
+    hf = to_hf_model(model, eos_token_id=tokenizer.eos_token_id)
+    hf.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / TRAIN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(train_cfg), indent=2))
+    return out
+
+
+def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """Convert a transformers AttnRes dir back to our checkpoint layout in ``out/checkpoint``.
+
+    The training config comes from ``attnres_train_config.json`` when ``to_hf`` wrote one, else it
+    is the default ``TrainConfig`` with this model's ``model`` section. There is no optimiser state,
+    so the result loads, evaluates and samples, but cannot ``--resume``.
+    """
+    from attnres.train.checkpoint import save_checkpoint
+    from attnres.train.config import TrainConfig
+
+    hf_dir = Path(hf_dir)
+    AttnResConfig.from_pretrained(hf_dir)  # a clear error for another architecture, before weights load
+    model = from_hf_model(AttnResForCausalLM.from_pretrained(hf_dir))
+    stored = hf_dir / TRAIN_CONFIG_FILE
+    if stored.is_file():
+        train_cfg = from_dict(TrainConfig, json.loads(stored.read_text()))
+        if train_cfg.model != model.cfg:
+            raise ValueError(f"{stored} describes another model than {hf_dir / 'config.json'}; delete one")
+    else:
+        train_cfg = dataclasses.replace(TrainConfig(), model=model.cfg)
+    return save_checkpoint(out, model, train_cfg, _our_tokenizer(hf_dir), trainer_state={})
+
+
+def _our_tokenizer(hf_dir: Path) -> Any:
+    """The tokenizer of a transformers dir as ours: the byte tokenizer if it is one, else a BPE."""
+    from tokenizers import Tokenizer
+
+    from attnres.train.data import EOT, BPETokenizer, ByteTokenizer
+
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{hf_dir} has no tokenizer.json; save the tokenizer there with save_pretrained"
+        )
+    text = path.read_text()
+    # transformers rewrites the JSON on save; the vocabulary (bytes + EOT, no merged tokens) decides.
+    byte_vocab = Tokenizer.from_str(byte_tokenizer_json(EOT)).get_vocab(with_added_tokens=True)
+    if Tokenizer.from_str(text).get_vocab(with_added_tokens=True) == byte_vocab:
+        return ByteTokenizer()
+    return BPETokenizer(Tokenizer.from_str(text))

@@ -1,0 +1,204 @@
+"""Autoregressive generation with a KV cache: chunked prefill, then one token per step.
+
+The residual scheme is called through its ordinary interface at every step, so whatever read it
+uses (the reference read, or a fast or two-phase read it dispatches to) serves decoding too; a
+decode step is simply a forward over one token per row. See :mod:`attnres.model.cache` for why no
+depth state is cached across tokens.
+
+Sampling, per row and step: ``temperature == 0`` is greedy (argmax). Otherwise logits are divided
+by the temperature, restricted to the ``top_k`` most likely tokens, then to the smallest set whose
+probability reaches ``top_p`` (nucleus), and one token is drawn with a ``torch.Generator`` seeded by
+``seed``, so the same seed gives the same sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnres.model.cache import KVCache
+from attnres.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen; validated on construction.
+
+    Attributes:
+        temperature: ``0`` for greedy decoding, else ``> 0``.
+        top_k: keep only the ``k`` most likely tokens (``None``: all).
+        top_p: nucleus sampling, in ``(0, 1]`` (``1``: off).
+        seed: seed of the sampling generator.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None (no limit), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] (1 disables nucleus sampling), got {self.top_p}")
+
+
+def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Choose one token per row from ``logits [B, vocab]``; returns ``[B]`` token ids."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the top one always stays.
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Left-pad prompts into ``tokens [B, T]`` and ``attention_mask [B, T]`` (false = padding)."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            tokens[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt) :] = True
+    return tokens, mask
+
+
+@torch.no_grad()
+def prefill(
+    model: Transformer,
+    tokens: Tensor,
+    cache: KVCache,
+    attention_mask: Tensor | None = None,
+    chunk: int | None = None,
+    all_logits: bool = False,
+) -> Tensor:
+    """Run the prompt through the model ``chunk`` tokens at a time, filling ``cache``.
+
+    Peak memory for depth sources is about ``N·B·chunk·d`` rather than ``N·B·T·d`` (SPEC §5), and
+    the result equals a one-shot prefill up to floating-point reassociation.
+
+    Args:
+        tokens: ``[B, T]`` prompt ids (left-padded for mixed lengths).
+        cache: an empty or partly filled cache with room for ``T`` more slots.
+        attention_mask: ``[B, T]``, false for padding.
+        chunk: tokens per forward (``None``: all at once).
+        all_logits: return logits for every position ``[B, T, vocab]`` instead of the last ``[B, vocab]``.
+    """
+    T = tokens.shape[1]
+    chunk = T if chunk is None else chunk
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1 token, got {chunk}")
+    pieces = []
+    for start in range(0, T, chunk):
+        part = slice(start, start + chunk)
+        mask = None if attention_mask is None else attention_mask[:, part]
+        h = model.hidden(tokens[:, part], cache=cache, attention_mask=mask)  # [B, chunk, d]
+        if not all_logits:
+            h = h[:, -1:]  # only the last position feeds the next token: skip the LM head elsewhere
+        pieces.append(model.lm_head(model.norm(h)))
+    return torch.cat(pieces, dim=1) if all_logits else pieces[-1][:, -1]
+
+
+def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    if len(prompts) == 0:
+        raise ValueError("no prompts given: pass a list of token-id lists")
+    seq_len, vocab = model.cfg.seq_len, model.cfg.vocab_size
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; generation needs at least one token to condition on")
+        if len(p) > seq_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens, more than the model's context model.seq_len={seq_len}; "
+                "shorten the prompt"
+            )
+        if len(p) + max_new_tokens > seq_len:
+            raise ValueError(
+                f"prompt {i} ({len(p)} tokens) + max_new_tokens={max_new_tokens} exceeds model.seq_len="
+                f"{seq_len}; at most {seq_len - len(p)} new tokens fit"
+            )
+        if min(p) < 0 or max(p) >= vocab:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) (model.vocab_size)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+@torch.no_grad()
+def stream(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    stop_tokens: Sequence[int] = (),
+    prefill_chunk: int | None = None,
+) -> Iterator[Tensor]:
+    """Generate token by token, yielding each step's new tokens ``[B]`` as they are chosen.
+
+    A row that has emitted a stop token is finished: later steps yield ``-1`` for it. The stop
+    token itself is yielded. Iteration ends after ``max_new_tokens`` steps or when every row is
+    finished.
+
+    Args:
+        model: the LM (put it in eval mode; its parameters' dtype and device are used).
+        prompts: ``B`` token-id lists, possibly of different lengths (they are left-padded).
+        max_new_tokens: most tokens to generate per row.
+        sampling: greedy, temperature, top-k, top-p and seed (default: ``SamplingConfig()``).
+        stop_tokens: ids that end a row (e.g. the tokenizer's end-of-text id).
+        prefill_chunk: prompt tokens per prefill forward (``None``: the whole prompt at once).
+    """
+    sampling = SamplingConfig() if sampling is None else sampling
+    _check_prompts(model, prompts, max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    param = next(model.parameters())
+    tokens, mask = left_pad(prompts)
+    tokens, mask = tokens.to(param.device), mask.to(param.device)
+    cache = KVCache(
+        model.cfg, len(prompts), tokens.shape[1] + max_new_tokens, dtype=param.dtype, device=param.device
+    )
+    generator = torch.Generator(device=param.device).manual_seed(sampling.seed)
+    stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=param.device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=param.device)
+    logits = prefill(model, tokens, cache, mask, chunk=prefill_chunk)
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, sampling, generator)
+        nxt = nxt.masked_fill(finished, -1)
+        yield nxt
+        finished |= torch.isin(nxt, stop)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return
+        # Finished rows keep decoding a harmless token; their output is discarded.
+        logits = model(nxt.clamp(min=0)[:, None], cache=cache)[:, -1]
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    stop_tokens: Sequence[int] = (),
+    prefill_chunk: int | None = None,
+) -> list[list[int]]:
+    """The new tokens of each prompt (ending with its stop token, if one was emitted).
+
+    Arguments are those of :func:`stream`; this collects its steps.
+    """
+    out: list[list[int]] = [[] for _ in prompts]
+    for step_tokens in stream(model, prompts, max_new_tokens, sampling, stop_tokens, prefill_chunk):
+        for row, tok in enumerate(step_tokens.tolist()):
+            if tok >= 0:
+                out[row].append(tok)
+    return out

@@ -1,0 +1,116 @@
+"""Sample text from a trained checkpoint: the library behind ``attnres sample``."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from attnres.model import Transformer
+from attnres.model.generate import SamplingConfig, stream
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or unreadable."""
+
+
+def load_for_sampling(path: str | Path) -> tuple[Transformer, Any]:
+    """The model (eval mode) and tokenizer saved by ``attnres train``.
+
+    Args:
+        path: the run directory or its ``checkpoint/`` directory.
+
+    Raises:
+        CheckpointError: naming the path and what is wrong, for a missing directory or a missing,
+            truncated or mismatched weights file.
+    """
+    from attnres.train.checkpoint import load_model
+    from attnres.train.data import load_tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint directory {str(path)!r} does not exist; pass the output directory of "
+            "`attnres train` (or its checkpoint/ subdirectory)"
+        )
+    try:
+        model, _ = load_model(path)
+        tokenizer = load_tokenizer(path)
+    except (ValueError, FileNotFoundError) as err:  # the loaders' own messages name the fix
+        raise CheckpointError(str(err)) from err
+    except Exception as err:  # safetensors, json and torch each raise their own types
+        raise CheckpointError(
+            f"could not load the checkpoint in {str(path)!r}: {type(err).__name__}: {err}. The files may be "
+            "truncated or from another version; re-save it with `attnres train`, or point to another run"
+        ) from err
+    return model.eval(), tokenizer
+
+
+def stream_text(
+    model: Transformer,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int | None = None,
+    sampling: SamplingConfig | None = None,
+) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` piece by piece as tokens are generated.
+
+    Generation stops at the tokenizer's end-of-text token (not yielded) or after ``max_new_tokens``
+    (``None``: as many as fit in the context). Text is decoded from all tokens so far and only the
+    new suffix is yielded, so a character split across byte tokens appears once it is complete.
+    """
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty (it encodes to no tokens); give at least one character")
+    if max_new_tokens is None:
+        max_new_tokens = max(0, model.cfg.seq_len - len(ids))
+    eos = getattr(tokenizer, "eos_id", None)
+    stop = [] if eos is None else [eos]
+    new: list[int] = []
+    shown = ""
+    for step in stream(model, [ids], max_new_tokens, sampling, stop_tokens=stop):
+        token = int(step[0])
+        if token < 0 or token in stop:
+            break
+        new.append(token)
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a split multi-byte character
+            yield text[len(shown) :]
+            shown = text
+    text = tokenizer.decode(new)
+    if text != shown:
+        yield text[len(shown) :]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``attnres sample``."""
+    parser.add_argument("--ckpt", required=True, help="run directory of `attnres train`, or its checkpoint/")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="default: fill the model's context (seq_len)"
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args: argparse.Namespace) -> str:
+    """Print the prompt, then stream its continuation to stdout; returns the continuation."""
+    sampling = SamplingConfig(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    model, tokenizer = load_for_sampling(args.ckpt)
+    pieces = stream_text(model, tokenizer, args.prompt, args.max_new_tokens, sampling)
+    first = next(pieces, "")  # a bad prompt raises here, before anything is printed
+    sys.stdout.write(args.prompt)
+    out = []
+    for piece in itertools.chain([first], pieces):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        out.append(piece)
+    sys.stdout.write("\n")
+    return "".join(out)

@@ -1,0 +1,194 @@
+"""Single-process tests of the pipeline split, schedules and accounting (no process group needed)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from attnres.distributed.accounting import (
+    blocks_per_chunk,
+    eq7_naive,
+    eq8_cached,
+    expected_blocks,
+)
+from attnres.distributed.pipeline import SiteRows, make_layout, pack, schedule, split_model
+from attnres.model import ModelConfig, Transformer, lm_loss
+from attnres.residuals import ResidualConfig
+
+
+def _model(
+    variant: str = "block", block_size: int | None = 2, n_layers: int = 4, d: int = 32, **kw
+) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=99,
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=2,
+        seq_len=7,
+        residual=ResidualConfig(variant, block_size=block_size),
+        **kw,
+    )
+    model = Transformer(cfg).double()
+    with torch.no_grad():
+        for p in model.residual.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+def _simulate(pp: int, vpp: int, M: int) -> None:
+    """Run every rank's op list with blocking receives and non-blocking sends; fail on deadlock."""
+    C = pp * vpp
+    ops = {r: schedule(r, pp, vpp, M) for r in range(pp)}
+    for r, rank_ops in ops.items():
+        mine = {(k, c, m) for k in "FB" for c in range(r, C, pp) for m in range(M)}
+        assert sorted(rank_ops) == sorted(mine), f"rank {r} does not run each of its ops exactly once"
+    done: set[tuple[str, int, int]] = set()
+    heads = dict.fromkeys(ops, 0)
+
+    def ready(kind: str, c: int, m: int) -> bool:
+        if kind == "F":
+            return c == 0 or ("F", c - 1, m) in done
+        return ("F", c, m) in done and (c == C - 1 or ("B", c + 1, m) in done)
+
+    while any(heads[r] < len(ops[r]) for r in ops):
+        progressed = False
+        for r in ops:
+            if heads[r] < len(ops[r]) and ready(*ops[r][heads[r]]):
+                done.add(ops[r][heads[r]])
+                heads[r] += 1
+                progressed = True
+        assert progressed, f"deadlock at pp={pp} vpp={vpp} M={M}: heads {heads}"
+
+
+@pytest.mark.parametrize("pp,vpp", [(1, 1), (2, 1), (4, 1), (2, 2), (2, 3), (3, 2), (4, 2)])
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+def test_schedule_runs_every_op_once_without_deadlock(pp: int, vpp: int, rounds: int) -> None:
+    _simulate(pp, vpp, rounds * pp)
+
+
+def test_interleaved_schedule_is_1f1b_in_steady_state() -> None:
+    ops = schedule(0, 2, 2, 8)
+    kinds = "".join(k for k, _, _ in ops)
+    assert kinds == "FFFF" + "FB" * 12 + "BBBB"  # warm-up 2(P-1-0) + (V-1)P = 4
+
+
+def test_interleaved_schedule_refuses_ragged_microbatches() -> None:
+    with pytest.raises(ValueError, match="multiple of --parallel.pp=2"):
+        schedule(0, 2, 2, 3)
+
+
+def test_fewer_sublayers_than_chunks_is_refused() -> None:
+    with pytest.raises(ValueError, match="every chunk needs at least one sublayer"):
+        make_layout(_model(n_layers=1), pp=2, vpp=2)
+    with pytest.raises(ValueError, match="at least one sublayer"):
+        make_layout(_model(), pp=2, vpp=1, bounds=(0, 0, 8))
+
+
+def test_tied_embeddings_are_refused() -> None:
+    with pytest.raises(ValueError, match="tie_embeddings=false"):
+        make_layout(_model(tie_embeddings=True), pp=2)
+
+
+@pytest.mark.parametrize(
+    "variant,block_size,n_layers,pp,vpp",
+    [("block", 3, 4, 2, 2), ("full", None, 3, 2, 2), ("prenorm", None, 4, 4, 2), ("block", 2, 4, 2, 1)],
+)
+@pytest.mark.parametrize("d", [32, 100])
+def test_chained_chunks_equal_the_model(
+    variant: str, block_size: int | None, n_layers: int, pp: int, vpp: int, d: int
+) -> None:
+    """The chunks run back to back in one process give the model's logits and every gradient."""
+    model = _model(variant, block_size, n_layers, d)
+    layout, chunks = split_model(model, pp, vpp)
+    tokens = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    targets = tokens.roll(1, dims=1)
+    state = tokens
+    for chunk in chunks:
+        state = chunk(state)
+    ref_logits = model(tokens)
+    torch.testing.assert_close(state, ref_logits, rtol=0, atol=0)
+    lm_loss(state, targets).backward()
+    lm_loss(ref_logits, targets).backward()
+    ref = dict(model.named_parameters())
+    seen: dict[str, int] = dict.fromkeys(ref, 0)
+    for chunk in chunks:
+        for local, p in chunk.named_parameters():
+            name, rows = chunk.global_names()[local]
+            expected = ref[name].grad if rows is None else ref[name].grad[list(rows)]
+            torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14)
+            seen[name] += 1
+    assert all(seen.values()), f"parameters owned by no chunk: {[n for n, k in seen.items() if not k]}"
+
+
+def test_site_rows_refuse_an_unowned_site() -> None:
+    rows = SiteRows(torch.arange(12.0).view(6, 2), sites=[2, 3])
+    torch.testing.assert_close(rows[3], torch.tensor([6.0, 7.0]))
+    with pytest.raises(IndexError, match=r"read site 1 belongs to another pipeline chunk"):
+        rows[1]
+
+
+def test_pack_makes_noncontiguous_boundary_grads_contiguous() -> None:
+    base = torch.randn(2, 5, 7, dtype=torch.float64)
+    odd = [
+        base.transpose(1, 2),
+        torch.zeros(1, 1, 5, dtype=torch.float64).expand(2, 7, 5),
+        base[:, :, ::1].transpose(1, 2) * 2,
+    ]
+    assert not any(t.is_contiguous() for t in odd)
+    buf = pack(odd)
+    assert buf.is_contiguous() and buf.shape == (3, 2, 7, 5)
+    for i, t in enumerate(odd):
+        torch.testing.assert_close(buf[i], t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["block", "full"])
+@pytest.mark.parametrize(
+    "pp,vpp,blocks_per", [(2, 1, 1), (2, 2, 1), (2, 2, 2), (4, 2, 1), (2, 3, 1), (3, 2, 2)]
+)
+def test_aligned_layouts_match_eq7_and_eq8(variant: str, pp: int, vpp: int, blocks_per: int) -> None:
+    """Chunks of whole blocks starting at block boundaries: the counts are the paper's formulas.
+
+    ``"received"`` is exactly Eq. 8. ``"seen"`` also skips, on each of the ``(V-1)·P`` transitions
+    into a later virtual stage, the ``N_p`` blocks the receiving rank sealed itself.
+    """
+    C = pp * vpp
+    S = 1 if variant == "full" else 2
+    n_layers = C * blocks_per * S / 2
+    if n_layers != int(n_layers):
+        pytest.skip("needs an even number of sublayers")
+    layout = make_layout(_model(variant, S if variant == "block" else None, int(n_layers)), pp, vpp)
+    n_p = blocks_per_chunk(layout)
+    assert n_p == blocks_per
+    assert sum(expected_blocks(layout, "off").values()) == eq7_naive(pp, vpp, n_p)
+    assert sum(expected_blocks(layout, "received").values()) == eq8_cached(pp, vpp, n_p)
+    assert sum(expected_blocks(layout, "seen").values()) == eq8_cached(pp, vpp, n_p) - (vpp - 1) * pp * n_p
+    assert max(expected_blocks(layout, "received").values()) <= pp * n_p  # O(P) peak, not O(C)
+
+
+def test_misaligned_blocks_counted_by_hand() -> None:
+    """Block S=3 over 8 sublayers, 4 chunks of 2: boundaries at sublayers 0, 3, 6.
+
+    Completed blocks after sublayer ``e`` (exclusive) are ``ceil(e / 3)``: chunk ends 2, 4, 6, 8
+    give 1, 2, 2, 3; chunk 2 (sublayers 4, 5) seals no block. Entering chunks: 0, 1, 2, 2.
+    """
+    layout = make_layout(_model("block", 3, 4), pp=2, vpp=2)
+    assert layout.blocks_out == tuple(math.ceil(e / 3) for e in (2, 4, 6, 8)) == (1, 2, 2, 3)
+    assert layout.blocks_in == (0, 1, 2, 2)
+    # off: every link carries blocks_out[j-1]
+    assert expected_blocks(layout, "off") == {1: 1, 2: 2, 3: 2}
+    # received: link 2 -> rank 0 held nothing from chunk 0's input; link 3 -> rank 1 holds the 1 block
+    # that entered chunk 1
+    assert expected_blocks(layout, "received") == {1: 1, 2: 2, 3: 1}
+    # seen: rank 0 sealed b_0 in chunk 0, rank 1 ended chunk 1 with 2 blocks
+    assert expected_blocks(layout, "seen") == {1: 1, 2: 1, 3: 0}
+
+
+def test_layout_follows_the_scheme_bookkeeping() -> None:
+    for S, (pp, vpp) in itertools.product([1, 2, 3, 5], [(2, 1), (2, 2), (3, 1)]):
+        layout = make_layout(_model("block", S, 5), pp, vpp)
+        for c in range(layout.n_chunks):
+            assert layout.blocks_out[c] == math.ceil(layout.bounds[c + 1] / S)
