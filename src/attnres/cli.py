@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("infer", help="prefill, decode and memory cost of AttnRes vs prenorm (CPU)")
     _add_arguments("attnres.bench.infer", p)
     p.set_defaults(func=lambda args, extra: _run("attnres.bench.infer", args, extra))
+    for verb, text in (
+        ("ops", "depth-read implementations vs the reference"),
+        ("train", "train step vs prenorm"),
+    ):
+        p = bench.add_parser(verb, help=text)
+        _add_arguments(f"attnres.bench.{verb}", p)
+        p.set_defaults(func=lambda args, extra, verb=verb: _run(f"attnres.bench.{verb}", args, extra))
 
     p = sub.add_parser("convert", help="convert a checkpoint to or from a Hugging Face transformers dir")
     way = p.add_mutually_exclusive_group(required=True)

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from attnres.model import Transformer, lm_loss
+from attnres.ops.dispatch import use_impl
 from attnres.residuals.attnres import DepthState
 
 CACHE_MODES = ("off", "received", "seen")
@@ -145,12 +146,13 @@ def make_layout(
             "set model.tie_embeddings=false to use pipeline parallelism"
         )
     scheme = model.residual
-    state = scheme.init_state(torch.zeros(1))
-    carries_blocks = isinstance(state, DepthState)
-    counts = [len(_flatten(state)) - 1]  # completed blocks after each sublayer boundary
-    for layer in range(L):
-        state = scheme.update(state, layer, torch.zeros(1))
-        counts.append(len(_flatten(state)) - 1)
+    with use_impl("reference"):  # bookkeeping only: dummy tensors, no depth reads
+        state = scheme.init_state(torch.zeros(1))
+        carries_blocks = isinstance(state, DepthState)
+        counts = [len(_flatten(state)) - 1]  # completed blocks after each sublayer boundary
+        for layer in range(L):
+            state = scheme.update(state, layer, torch.zeros(1))
+            counts.append(len(_flatten(state)) - 1)
     blocks_in = tuple(0 if c == 0 else counts[bounds[c]] for c in range(C))
     blocks_out = tuple(counts[bounds[c + 1]] for c in range(C))
     return PipelineLayout(pp, vpp, bounds, blocks_in, blocks_out, carries_blocks)
@@ -221,21 +223,23 @@ class PipelineChunk(nn.Module):
         self.register_buffer("rope_sin", model.rope_sin.clone(), persistent=False)
 
     def forward(self, inp: Any) -> Any:
-        if self.is_first:
-            Transformer.check_tokens(self, inp)  # only reads self.cfg
-            state = self.residual.init_state(self.embed(inp))
-        else:
-            state = inp
-        T = _flatten(state)[-1].shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for i, sublayer in enumerate(self.sublayers):
-            layer = self.start + i
-            state = self.residual.update(
-                state, layer, sublayer(self.residual.layer_input(state, layer), cos, sin)
-            )
-        if self.is_last:
-            return self.lm_head(self.norm(self.residual.final(state)))
-        return state
+        # a chunk holds only its own read sites, which the fast paths (slicing all sites) do not index
+        with use_impl("reference"):
+            if self.is_first:
+                Transformer.check_tokens(self, inp)  # only reads self.cfg
+                state = self.residual.init_state(self.embed(inp))
+            else:
+                state = inp
+            T = _flatten(state)[-1].shape[1]
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            for i, sublayer in enumerate(self.sublayers):
+                layer = self.start + i
+                state = self.residual.update(
+                    state, layer, sublayer(self.residual.layer_input(state, layer), cos, sin)
+                )
+            if self.is_last:
+                return self.lm_head(self.norm(self.residual.final(state)))
+            return state
 
     def global_names(self) -> dict[str, tuple[str, tuple[int, ...] | None]]:
         """Local parameter name -> (name in the full model, owned rows or ``None`` for the whole tensor)."""
@@ -479,4 +483,5 @@ class PipelineRunner:
 
     def _state_template(self) -> Any:
         any_chunk = next(iter(self.chunks.values()))
-        return any_chunk.residual.init_state(torch.zeros(1))
+        with use_impl("reference"):  # only the state's type is needed
+            return any_chunk.residual.init_state(torch.zeros(1))

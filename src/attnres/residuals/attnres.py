@@ -12,12 +12,20 @@ One schedule covers both, parameterised by the block size ``S`` in sublayers (``
 
 Here the sealing happens in :meth:`update`, which is equivalent: the read of sublayer ``l`` happens
 before it either way.
+
+Reads run through one of the implementations in :mod:`attnres.ops.dispatch`, chosen once per
+forward in :meth:`BlockAttnRes.init_state` and carried in the state. The fast paths keep each
+source's RMS statistic in the state (computed once, when the source is created), and ``two_phase``
+groups read sites ``gS … gS+S-1`` (the last group also holds the final read ``L``): they all see
+the completed blocks ``b_0 … b_g``, so phase 1 runs for the whole group as soon as ``b_g`` is
+complete, in the :meth:`~BlockAttnRes.update` before site ``gS``. Every method returns a new
+state and never mutates one.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +33,10 @@ from torch import Tensor, nn
 
 from attnres.ops import depth_read, depth_weights
 from attnres.ops.general import general_depth_read
+from attnres.ops import depth_read
+from attnres.ops.dispatch import select_impl
+from attnres.ops.fused import fused_depth_read, source_rstd
+from attnres.ops.two_phase import phase1, phase2_merge
 from attnres.residuals.base import ResidualConfig, ResidualScheme
 from attnres.residuals.registry import register
 
@@ -36,10 +48,18 @@ class DepthState:
     Attributes:
         blocks: completed block representations ``b_0 … b_g``; ``b_0`` is the embedding.
         partial: the live intra-block running sum (the embedding before sublayer 0).
+        impl: the depth-read implementation of this forward (``reference``, ``fused``, ``two_phase``).
+        rstd: fast paths only: ``source_rstd`` of each of :attr:`sources`, ``[B, T]`` each.
+        group_start: ``two_phase`` only: the first read site of the current group.
+        group: ``two_phase`` only: that group's phase-1 ``(outs, lse)``, one entry per site.
     """
 
     blocks: tuple[Tensor, ...]
     partial: Tensor
+    impl: str = "reference"
+    rstd: tuple[Tensor, ...] = ()
+    group_start: int = 0
+    group: tuple[tuple[Tensor, ...], Tensor] | None = None
 
     @property
     def sources(self) -> list[Tensor]:
@@ -148,19 +168,67 @@ class BlockAttnRes(ResidualScheme):
             self.recorder(site, sources, weights)
         return out
 
+    def fast_reads_supported(self) -> bool:
+        """Whether the fused and two-phase paths implement this configuration.
+
+        They implement the paper's default read (softmax over sources, RMS-normalised keys with a
+        gain, one static query per site). A configuration they do not implement must return
+        ``False`` here; ``select_impl`` then falls back to the reference read. Recording the
+        weights for diagnostics also needs the reference read, which computes them.
+        """
+        return self._paper_read and self.recorder is None
+
     def init_state(self, embedding: Tensor) -> DepthState:
-        return DepthState(blocks=(), partial=embedding)
+        impl = select_impl(self.cfg.impl, self.fast_reads_supported())
+        state = DepthState(blocks=(), partial=embedding, impl=impl)
+        if impl == "reference":
+            return state
+        state = replace(state, rstd=(source_rstd(embedding, self.cfg.eps),))
+        return self._open_group(state, 0) if impl == "two_phase" else state
 
     def layer_input(self, state: DepthState, layer: int) -> Tensor:
-        return self.read(state.sources, layer)
+        return self._read(state, layer)
 
     def update(self, state: DepthState, layer: int, out: Tensor) -> DepthState:
-        if layer % self.block_size == 0:
-            return DepthState(blocks=(*state.blocks, state.partial), partial=out)
-        return DepthState(blocks=state.blocks, partial=state.partial + out)
+        sealed = layer % self.block_size == 0
+        blocks = (*state.blocks, state.partial) if sealed else state.blocks
+        partial = out if sealed else state.partial + out
+        if state.impl == "reference":
+            return DepthState(blocks=blocks, partial=partial)
+        kept = state.rstd if sealed else state.rstd[:-1]  # a sealed partial keeps its statistic
+        new = replace(state, blocks=blocks, partial=partial, rstd=(*kept, source_rstd(partial, self.cfg.eps)))
+        if state.impl == "two_phase" and (layer + 1) % self.block_size == 0:
+            return self._open_group(new, layer + 1)
+        return new
 
     def final(self, state: DepthState) -> Tensor:
-        return self.read(state.sources, self.n_sublayers)
+        return self._read(state, self.n_sublayers)
+
+    def _read(self, state: DepthState, site: int) -> Tensor:
+        if state.impl == "reference":
+            return self.read(state.sources, site)
+        if state.impl == "fused":
+            return fused_depth_read(
+                state.sources, self.query[site], self.key_gain[site], self.cfg.eps, rstd=state.rstd
+            )
+        outs, lse = state.group
+        i = site - state.group_start
+        if not 0 <= i < len(outs):
+            raise RuntimeError(
+                f"read site {site} is outside the two-phase group starting at {state.group_start}; "
+                "the state was not produced by update() for the previous sublayer"
+            )
+        if i == 0:  # the group's first read sees exactly the completed blocks
+            return outs[0].to(state.partial.dtype)
+        return phase2_merge(
+            outs[i], lse[..., i], state.partial, state.rstd[-1], self.query[site], self.key_gain[site]
+        )
+
+    def _open_group(self, state: DepthState, start: int) -> DepthState:
+        """Phase 1 for sites ``start …`` of one group, against ``sources`` (all complete blocks here)."""
+        end = min(start + self.block_size, self.n_sublayers + 1)
+        group = phase1(state.sources, state.rstd, self.query[start:end], self.key_gain[start:end])
+        return replace(state, group_start=start, group=group)
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, read_sites={self.n_sublayers + 1}, d={self.d_model}"

@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from attnres.ops.dispatch import check_impl
+
 
 @dataclass
 class ResidualConfig:
@@ -32,6 +34,8 @@ class ResidualConfig:
             ``None`` picks the paper's default of about 8 blocks, ``S = ceil(L / 8)``. Ignored by
             variants without blocks; ``full`` forces ``S = 1``.
         eps: epsilon of the key RMSNorm in depth reads.
+        impl: depth-read implementation for AttnRes variants: ``auto`` (the fastest correct one),
+            ``reference``, ``fused`` or ``two_phase`` (see ``attnres.ops.dispatch``).
 
     Depth-attention options (``block``, ``full``, ``swa``; ``hierarchical`` where noted). The
     defaults are the paper's method; the others are the ablations of paper Table 4:
@@ -80,6 +84,7 @@ class ResidualConfig:
     period: int = 1
     granularity: str = "layer"
     gate_bias: float = -2.0
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         from attnres.residuals.registry import variant_names
@@ -95,6 +100,7 @@ class ResidualConfig:
             )
         if self.eps <= 0:
             raise ValueError(f"residual.eps must be > 0, got {self.eps}")
+        check_impl(self.impl)
         for name, valid in _CHOICES.items():
             value = getattr(self, name)
             if value is not None and value not in valid:

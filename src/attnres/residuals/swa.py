@@ -11,6 +11,7 @@ and every ablation option are those of :class:`~attnres.residuals.attnres.FullAt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -24,6 +25,9 @@ class WindowState:
 
     embedding: Tensor
     recent: tuple[Tensor, ...]
+    #: SWA reads through the reference read: the fused and two-phase paths keep per-source
+    #: statistics and group state for the block schedule, which a sliding window does not follow.
+    impl: ClassVar[str] = "reference"
 
     @property
     def sources(self) -> list[Tensor]:

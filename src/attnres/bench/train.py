@@ -1,0 +1,116 @@
+"""``attnres bench train``: one training step of the reference LM per variant, vs PreNorm.
+
+Every arm builds its model from the same seed and trains on the same batch with AdamW. Arms run
+interleaved, ``repeats`` times, and the median is reported. AttnRes variants run once per
+depth-read implementation in ``--impls`` (``reference`` is the "before", ``auto`` the "after").
+
+Memory is the bytes saved for backward by one training forward (unique storages) plus parameters,
+gradients and AdamW state (4 × parameters): the CPU allocator has no peak counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from attnres.bench.measure import interleaved_medians, machine, saved_bytes
+from attnres.model import ModelConfig, Transformer, lm_loss
+from attnres.ops.dispatch import use_impl
+from attnres.residuals import ResidualConfig, variant_names
+
+SIZES = {
+    "small": dict(d_model=128, n_layers=8, n_heads=4, seq_len=256, batch=8),
+    "reference": dict(d_model=512, n_layers=8, n_heads=8, seq_len=512, batch=4),
+}
+ATTNRES = ("block", "full")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure every (variant, impl) arm; returns the JSON-ready result."""
+    variants = variant_names() if args.variants == "all" else args.variants.split(",")
+    if "prenorm" not in variants:
+        variants = ["prenorm", *variants]
+    size = SIZES[args.size]
+    batch = size["batch"]
+    model_kw = {k: v for k, v in size.items() if k != "batch"}
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (batch, size["seq_len"] + 1), generator=gen)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    arms, fwd_arms, memory = {}, {}, {}
+    for variant in variants:
+        for impl in args.impls.split(",") if variant in ATTNRES else ["-"]:
+            name = variant if impl == "-" else f"{variant}[{impl}]"
+            torch.manual_seed(0)
+            model = Transformer(ModelConfig(vocab_size=256, residual=ResidualConfig(variant), **model_kw))
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            mode = "reference" if impl in ("-", "reference") else impl
+
+            def step(model=model, opt=opt, mode=mode) -> None:
+                with use_impl(mode):
+                    lm_loss(model(inputs), targets).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            def forward(model=model, mode=mode) -> None:
+                with torch.no_grad(), use_impl(mode):
+                    model(inputs)
+
+            arms[name], fwd_arms[name] = step, forward
+            n_params = sum(p.numel() * p.element_size() for p in model.parameters())
+            with saved_bytes() as saved, use_impl(mode):
+                loss = lm_loss(model(inputs), targets)
+            del loss
+            memory[name] = (saved[0] + 4 * n_params) / 2**20
+
+    step_ms = interleaved_medians(arms, args.repeats)
+    fwd_ms = interleaved_medians(fwd_arms, args.repeats)
+    rows = [
+        {
+            "arm": name,
+            "step_ms": step_ms[name],
+            "ratio_vs_prenorm": step_ms[name] / step_ms["prenorm"],
+            "forward_ms": fwd_ms[name],
+            "forward_ratio": fwd_ms[name] / fwd_ms["prenorm"],
+            "memory_mb": memory[name],
+            "memory_ratio": memory[name] / memory["prenorm"],
+        }
+        for name in arms
+    ]
+    return {"bench": "train", "size": args.size, "shape": size, "repeats": args.repeats, "rows": rows,
+            "machine": machine()}  # fmt: skip
+
+
+def table(result: dict) -> str:
+    """Human-readable table of :func:`run`'s result."""
+    head = (
+        f"{'arm':<20} {'step ms':>9} {'x prenorm':>9} {'fwd ms':>9} {'fwd x':>7} {'mem MB':>8} {'mem x':>6}"
+    )
+    lines = [f"bench train, size {result['size']} {result['shape']}, median of {result['repeats']}", head]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['arm']:<20} {r['step_ms']:9.1f} {r['ratio_vs_prenorm']:9.3f} {r['forward_ms']:9.1f} "
+            f"{r['forward_ratio']:7.3f} {r['memory_mb']:8.1f} {r['memory_ratio']:6.3f}"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``attnres bench train`` flags."""
+    p.add_argument("--variants", default="prenorm,block,full", help="comma-separated names, or 'all'")
+    p.add_argument("--size", choices=("small", "reference"), default="small")
+    p.add_argument(
+        "--impls", default="reference,auto", help="depth-read implementations for AttnRes variants"
+    )
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON line")
+
+
+def main(args: argparse.Namespace) -> None:
+    """``attnres bench train``: the table on stdout; with ``--json`` one JSON line last."""
+    result = run(args)
+    print(table(result))
+    if args.json:
+        print(json.dumps(result))
