@@ -203,7 +203,11 @@ def test_config_mirrors_every_model_config_field(tmp_path) -> None:
     mc = ModelConfig(
         vocab_size=77, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=100, seq_len=40,
         rope_theta=5e5, norm_eps=1e-5, tie_embeddings=True, init_std=0.01,
-        residual=ResidualConfig(variant="full", block_size=5, eps=1e-4, impl="fused"),
+        residual=ResidualConfig(
+            variant="full", block_size=5, eps=1e-4, impl="fused", query="input", normalizer="sigmoid",
+            key_norm=False, heads=2, query_init="zero", window=3, n_streams=2, dynamic=False,
+            sinkhorn_iters=5, dilation=2, period=2, granularity="sublayer", gate_bias=-1.0,
+        ),
     )  # fmt: skip
     defaults = dataclasses.asdict(ModelConfig())
     changed = dataclasses.asdict(mc)

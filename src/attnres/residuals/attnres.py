@@ -32,10 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnres.ops import depth_read, depth_weights
-from attnres.ops.general import general_depth_read
-from attnres.ops import depth_read
 from attnres.ops.dispatch import select_impl
 from attnres.ops.fused import fused_depth_read, source_rstd
+from attnres.ops.general import general_depth_read
 from attnres.ops.two_phase import phase1, phase2_merge
 from attnres.residuals.base import ResidualConfig, ResidualScheme
 from attnres.residuals.registry import register
