@@ -34,7 +34,9 @@ case "$verb" in
     test)
         setup
         set +e
-        "$VENV/bin/python" -m pytest -q "$@"
+        # -m "": every test, the slow and multi-process (gloo) ones too (~8 min on 2 cores).
+        # Plain `pytest` skips those for a quick edit-test loop (see pyproject addopts).
+        "$VENV/bin/python" -m pytest -q -m "" "$@"
         rc=$?
         set -e
         # pytest exits 5 when it collected no test: that is a broken suite, not a pass.
