@@ -177,8 +177,8 @@ def train(
         (out / "run_info.json").write_text(json.dumps(run_info(), indent=2))
         log(
             f"{cfg.model.residual.variant}: {n_params / 1e6:.2f}M params, {len(train_ids):,} train / "
-            f"{len(val_ids):,} val tokens ({corpus.name}), device {device}, "
-            f"{env.world_size} {'FSDP2' if cfg.parallel.dp_shard else 'DDP'} rank(s)"
+            f"{len(val_ids):,} val tokens ({corpus.name}), device {device}"
+            + (f", {env.world_size} {'FSDP2' if cfg.parallel.dp_shard else 'DDP'} ranks" * env.distributed)
         )
 
     metrics_path = out / "metrics.jsonl"
