@@ -56,9 +56,12 @@ def select_impl(configured: str, supported: bool = True) -> str:
         supported: whether the scheme's configuration is one the fast paths implement. When it is
             not, the answer is ``reference`` (with a warning if a fast path was asked for by name).
 
-    ``auto`` picks ``two_phase`` on every device and dtype: on this project's CPU it measured
-    fastest for Block and Full (``attnres bench train``; it shares one pass over the completed
-    blocks among a group's reads), and no GPU kernel exists yet to prefer on CUDA.
+    ``auto`` picks ``fused`` on every device and dtype. On the project's quiet 2-core CPU, at the
+    reference size (d=512, 16 sublayers, seq 512, batch 4, fp32), a train step measured
+    Block 1.10x prenorm fused vs 1.18x two-phase, Full 1.19x vs 1.22x
+    (``benchmarks/results/train_reference_quiet.md``): in PyTorch ops, two-phase's extra merge
+    passes cost more than the shared pass over completed blocks saves. No GPU kernel exists yet
+    to prefer on CUDA.
     """
     impl = check_impl(_forced if _forced is not None else configured)
     if impl == "reference":
@@ -72,5 +75,5 @@ def select_impl(configured: str, supported: bool = True) -> str:
             )
         return "reference"
     if impl == "auto":
-        return "two_phase"
+        return "fused"
     return impl
