@@ -144,3 +144,15 @@ def test_compare_jobs_runs_in_parallel_processes(tmp_path, cache_dir) -> None:
     results = compare(cfg, ["prenorm", "block"], 1, tmp_path, log=lambda _: None, jobs=2)
     serial = compare(cfg, ["prenorm", "block"], 1, tmp_path / "serial", log=lambda _: None)
     assert [(r.variant, r.final_val_loss) for r in results] == [(r.variant, r.final_val_loss) for r in serial]
+
+
+def test_compare_restarts_a_run_killed_before_its_first_checkpoint(tmp_path, cache_dir) -> None:
+    cfg = tiny(cache_dir, **{"train.steps": "4", "train.eval_every": "2"})
+    killed = tmp_path / "prenorm-s0"
+    killed.mkdir()
+    (killed / "config.json").write_text("{}")  # what a run leaves before its first checkpoint
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    (result,) = compare(cfg, ["prenorm"], 1, tmp_path, log=lambda _: None)
+    assert result.steps == 4
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

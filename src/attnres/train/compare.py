@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -37,8 +38,17 @@ def _variant_config(base: TrainConfig, variant: str, seed: int, threads: int | N
     return dataclasses.replace(base, model=dataclasses.replace(base.model, residual=residual), train=loop)
 
 
-def _train_run(cfg: TrainConfig, run_dir: Path) -> RunResult:
-    return train(cfg, run_dir, resume=(run_dir / "checkpoint").exists(), log=print)
+def _train_run(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] = print) -> RunResult:
+    """Train one run, continuing from its checkpoint if it has one.
+
+    A run interrupted before its first checkpoint has nothing to continue from: its partial
+    metrics are discarded and it starts over.
+    """
+    resume = (run_dir / "checkpoint").exists()
+    if run_dir.exists() and not resume:
+        log(f"{run_dir.name}: interrupted before its first checkpoint, starting it over")
+        shutil.rmtree(run_dir)
+    return train(cfg, run_dir, resume=resume, log=log)
 
 
 def compare(
@@ -80,8 +90,7 @@ def compare(
     if jobs == 1:
         for variant, seed in pending:
             cfg = _variant_config(base, variant, seed, None)
-            run_dir = out / run_name(variant, seed)
-            done[variant, seed] = train(cfg, run_dir, resume=(run_dir / "checkpoint").exists(), log=log)
+            done[variant, seed] = _train_run(cfg, out / run_name(variant, seed), log)
     else:
         import concurrent.futures as cf
         import multiprocessing
