@@ -31,7 +31,8 @@ def _smooth(values: list[float], window: int) -> list[float]:
 def plot_loss_curves(runs: dict[str, list[Path]], path: str | Path, title: str = "") -> Path:
     """Train (smoothed) and validation loss vs step, one colour per variant, one line per seed."""
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # tab10 repeats after 10 variants (there are 11 with `--variants all`); tab20 does not.
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] if len(runs) <= 10 else plt.cm.tab20.colors
     for i, (variant, dirs) in enumerate(runs.items()):
         color = colors[i % len(colors)]
         for j, d in enumerate(dirs):
