@@ -29,22 +29,15 @@ def _find_runs(root: Path) -> dict[str, list[Path]]:
 
 
 def _table(rows: list[dict[str, Any]], baseline: str) -> list[str]:
-    key = "diff_vs_" + baseline
+    from attnres.train.compare import format_difference
+
     out = [
         f"| variant | seeds | val loss (mean ± std) | vs {baseline}: paired diff [95% t CI] "
         "| tokens/run | FLOPs/run | params | tokens/s |",
         "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for row in rows:
-        d = row.get(key)
-        if row["variant"] == baseline:
-            delta = "(baseline)"
-        elif d is None:
-            delta = "n/a"
-        elif d["n"] < 2:
-            delta = f"{d['mean']:+.4f} (1 seed: no CI)"
-        else:
-            delta = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], n = {d['n']}"
+        delta = format_difference(row, baseline)
         out.append(
             f"| {row['variant']} | {row['seeds']} | {row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} "
             f"| {delta} | {row['train_tokens']:.3g} | {row['train_flops']:.3g} | {row['n_params']:,} "

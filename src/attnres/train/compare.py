@@ -139,28 +139,32 @@ def variant_stats(results: list[RunResult], baseline: str = "prenorm") -> list[d
     return rows
 
 
+def format_difference(row: dict, baseline: str = "prenorm") -> str:
+    """A :func:`variant_stats` row's paired difference to ``baseline`` as text, with its 95% CI."""
+    d = row.get("diff_vs_" + baseline)
+    if row["variant"] == baseline:
+        return "(baseline)"
+    if d is None:
+        return "n/a"
+    if d["n"] < 2:
+        return f"{d['mean']:+.4f} (1 seed, no CI)"
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], n = {d['n']}"
+
+
 def summary_table(results: list[RunResult], baseline: str = "prenorm") -> str:
     """A plain-text table of :func:`variant_stats`: the compute per run, so runs compare at equal
     compute, and each variant's paired difference to the baseline with its 95% interval."""
     head = (
-        f"{'variant':<13} {'seeds':>5} {'val loss (mean ± std)':>22} {'vs ' + baseline + ' [95% CI]':>30} "
+        f"{'variant':<13} {'seeds':>5} {'val loss (mean ± std)':>22} {'vs ' + baseline + ' [95% CI]':>34} "
         f"{'tokens':>9} {'FLOPs':>9} {'params':>9} {'tok/s':>7}"
     )
     lines = [head, "-" * len(head)]
     for row in variant_stats(results, baseline):
-        d = row["diff_vs_" + baseline]
-        if d is None:
-            delta = "n/a"
-        elif row["variant"] == baseline:
-            delta = "(baseline)"
-        elif d["n"] < 2:
-            delta = f"{d['mean']:+.4f} (1 seed, no CI)"
-        else:
-            delta = f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] n={d['n']}"
+        delta = format_difference(row, baseline)
         lines.append(
             f"{row['variant']:<13} {row['seeds']:>5} "
             f"{row['val_loss_mean']:>12.4f} ± {row['val_loss_std']:.4f} "
-            f"{delta:>30} {row['train_tokens']:>9.3g} {row['train_flops']:>9.3g} {row['n_params']:>9,} "
+            f"{delta:>34} {row['train_tokens']:>9.3g} {row['train_flops']:>9.3g} {row['n_params']:>9,} "
             f"{row['tokens_per_s']:>7,.0f}"
         )
     return "\n".join(lines)
