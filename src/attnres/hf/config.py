@@ -69,7 +69,7 @@ class AttnResConfig(PretrainedConfig):
 
     model_type = "attnres"
     attribute_map = HF_ALIASES
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]  # the cache output, under both of its names
 
     def __init__(self, **kwargs: Any) -> None:
         other = kwargs.pop("model_type", self.model_type)

@@ -15,6 +15,7 @@ own cache classes, ``output_attentions`` and ``output_hidden_states``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -28,10 +29,21 @@ from attnres.model.cache import KVCache
 from attnres.model.transformer import rope_tables
 
 
+# transformers 5.24 renamed the cache keyword of ``forward`` and the cache field of model outputs
+# from ``past_key_values`` to ``cache``. The wrappers accept either keyword and return the cache under
+# the name the installed version reads back in ``generate``.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
 class HFKVCache(KVCache):
     """Our KV cache with what transformers' ``generate`` asks of a cache object."""
 
     is_compileable = False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer, whether it is a linear-attention (constant-size) cache: never, here."""
+        return [False] * self.k.shape[0]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Slots written so far (padding included), which ``generate`` uses to slice new inputs."""
@@ -73,6 +85,13 @@ def _expected_positions(attention_mask: Tensor | None, past: int, shape: torch.S
         return torch.arange(past, past + shape[1]).expand(shape)
     real = attention_mask.long()
     return (real.cumsum(1) - 1).clamp(min=0)[:, -shape[1] :]
+
+
+def _one_cache(past_key_values: Any, cache: Any) -> Any:
+    """The cache passed under either of its names; both at once is ambiguous."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 def _check_unsupported(
@@ -134,9 +153,14 @@ class AttnResModel(AttnResPreTrainedModel):
         past_key_values: Any = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
+        cache: Any = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        """``input_ids [B, T]`` -> ``last_hidden_state [B, T, d]``."""
+        """``input_ids [B, T]`` -> ``last_hidden_state [B, T, d]``.
+
+        ``cache`` (transformers ≥ 5.24) and ``past_key_values`` (earlier) name the same argument.
+        """
+        past_key_values = _one_cache(past_key_values, cache)
         tokens = _check_unsupported(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, kwargs
         )
@@ -152,7 +176,7 @@ class AttnResModel(AttnResPreTrainedModel):
             past_key_values = None
         hidden = self.transformer.hidden(tokens, cache=cache, attention_mask=mask)
         return BaseModelOutputWithPast(
-            last_hidden_state=self.transformer.norm(hidden), past_key_values=past_key_values
+            last_hidden_state=self.transformer.norm(hidden), **{CACHE_FIELD: past_key_values}
         )
 
 
@@ -193,10 +217,13 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        cache: Any = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits ``[B, T, vocab]`` (the last ``logits_to_keep`` positions if > 0) and, given
-        ``labels [B, T]`` (unshifted, -100 ignored), the mean next-token loss."""
+        ``labels [B, T]`` (unshifted, -100 ignored), the mean next-token loss. ``cache`` is
+        ``past_key_values`` under its transformers ≥ 5.24 name."""
+        past_key_values = _one_cache(past_key_values, cache)
         hidden = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -213,7 +240,7 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: past_key_values})
 
     def _prepare_cache_for_generation(
         self,
@@ -225,11 +252,11 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
     ) -> None:
         # transformers would build its own DynamicCache here; ours is the model's KVCache, sized
         # as transformers sizes its static caches (every beam and returned sequence is a row).
-        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+        if model_kwargs.get(CACHE_FIELD) is not None or generation_config.use_cache is False:
             return
         copies = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         param = self.transformer.lm_head.weight
-        model_kwargs["past_key_values"] = HFKVCache(
+        model_kwargs[CACHE_FIELD] = HFKVCache(
             self.transformer.cfg,
             copies * batch_size,
             max_cache_length,
