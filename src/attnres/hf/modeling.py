@@ -28,11 +28,11 @@ from attnres.model import Transformer
 from attnres.model.cache import KVCache
 from attnres.model.transformer import rope_tables
 
-
 # transformers 5.24 renamed the cache keyword of ``forward`` and the cache field of model outputs
 # from ``past_key_values`` to ``cache``. The wrappers accept either keyword and return the cache under
 # the name the installed version reads back in ``generate``.
-CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+_OUTPUT_FIELDS = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 
 
 class HFKVCache(KVCache):
