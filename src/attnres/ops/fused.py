@@ -37,14 +37,21 @@ from torch import Tensor
 from attnres.ops.reference import stats_dtype
 
 
+def rstd_stat(v: Tensor, eps: float) -> Tensor:
+    """``rsqrt(mean(v²) + eps)`` over the last dim ``[...]``, in the statistics dtype; no autograd."""
+    cd = stats_dtype(v.dtype)
+    norm = torch.linalg.vector_norm(v, dim=-1, dtype=None if v.dtype == cd else cd)  # [...]
+    # eps + norm² / d in one op: on one-token decode steps, op count is the cost, and in-place
+    # ops with Python scalars each cost a wrapped-scalar conversion.
+    return torch.addcmul(norm.new_full((), eps), norm, norm, value=1 / v.shape[-1]).rsqrt_()
+
+
 class _SourceRstd(torch.autograd.Function):
     """``r = rsqrt(mean(v²) + eps)`` over the last dim; ``∂v = −∂r · r³ · v / d``."""
 
     @staticmethod
     def forward(ctx, v: Tensor, eps: float) -> Tensor:
-        cd = stats_dtype(v.dtype)
-        ms = torch.linalg.vector_norm(v, dim=-1, dtype=cd).square_().div_(v.shape[-1])
-        r = ms.add_(eps).rsqrt_()  # [...]
+        r = rstd_stat(v, eps)  # [...]
         ctx.save_for_backward(v, r)
         return r
 

@@ -33,8 +33,9 @@ from torch import Tensor, nn
 
 from attnres.ops import depth_read, depth_weights
 from attnres.ops.dispatch import select_impl
-from attnres.ops.fused import fused_depth_read, source_rstd
+from attnres.ops.fused import fold_query, fused_depth_read, rstd_stat, source_rstd
 from attnres.ops.general import general_depth_read
+from attnres.ops.stacked import SourceStack, stacked_merge, stacked_phase1
 from attnres.ops.two_phase import phase1, phase2_merge
 from attnres.residuals.base import ResidualConfig, ResidualScheme
 from attnres.residuals.registry import register
@@ -64,6 +65,29 @@ class DepthState:
     def sources(self) -> list[Tensor]:
         """What a read sees now: the completed blocks, then the partial sum."""
         return [*self.blocks, self.partial]
+
+
+@dataclass(frozen=True)
+class StackedDepthState:
+    """Sources carried across depth by the inference (no-grad) two-phase path.
+
+    Attributes:
+        stack: the completed blocks ``b_0 … b_g`` and their statistics, stacked once each. Every
+            state of one forward shares it: a block is pushed when its group opens and never
+            changes, so a state only ever reads rows that were complete when it was made.
+        partial: the live intra-block running sum (stream dtype).
+        partial_rstd: its ``rsqrt(mean(p²) + eps)``.
+        queries: every read site's folded query ``w ⊙ γ`` ``[L+1, d]``, computed once per forward.
+        group_start: the first read site of the open group.
+        group: that group's phase-1 ``(outs [..., S', d], lse [..., S'] or None)``.
+    """
+
+    stack: SourceStack
+    partial: Tensor
+    partial_rstd: Tensor
+    queries: Tensor
+    group_start: int = 0
+    group: tuple[Tensor, Tensor | None] | None = None
 
 
 def default_block_size(n_sublayers: int) -> int:
@@ -177,19 +201,34 @@ class BlockAttnRes(ResidualScheme):
         """
         return self._paper_read and self.recorder is None
 
-    def init_state(self, embedding: Tensor) -> DepthState:
+    def init_state(self, embedding: Tensor) -> DepthState | StackedDepthState:
         impl = select_impl(self.cfg.impl, self.fast_reads_supported())
+        if impl == "two_phase" and not torch.is_grad_enabled():
+            return self._init_stacked(embedding)
         state = DepthState(blocks=(), partial=embedding, impl=impl)
         if impl == "reference":
             return state
         state = replace(state, rstd=(source_rstd(embedding, self.cfg.eps),))
         return self._open_group(state, 0) if impl == "two_phase" else state
 
-    def layer_input(self, state: DepthState, layer: int) -> Tensor:
+    def layer_input(self, state: DepthState | StackedDepthState, layer: int) -> Tensor:
         return self._read(state, layer)
 
-    def update(self, state: DepthState, layer: int, out: Tensor) -> DepthState:
+    def update(
+        self, state: DepthState | StackedDepthState, layer: int, out: Tensor
+    ) -> DepthState | StackedDepthState:
         sealed = layer % self.block_size == 0
+        if isinstance(state, StackedDepthState):
+            partial = out if sealed else state.partial + out
+            new = StackedDepthState(
+                state.stack,
+                partial,
+                rstd_stat(partial, self.cfg.eps),
+                state.queries,
+                state.group_start,
+                state.group,
+            )
+            return self._open_stacked_group(new, layer + 1) if (layer + 1) % self.block_size == 0 else new
         blocks = (*state.blocks, state.partial) if sealed else state.blocks
         partial = out if sealed else state.partial + out
         if state.impl == "reference":
@@ -200,10 +239,12 @@ class BlockAttnRes(ResidualScheme):
             return self._open_group(new, layer + 1)
         return new
 
-    def final(self, state: DepthState) -> Tensor:
+    def final(self, state: DepthState | StackedDepthState) -> Tensor:
         return self._read(state, self.n_sublayers)
 
-    def _read(self, state: DepthState, site: int) -> Tensor:
+    def _read(self, state: DepthState | StackedDepthState, site: int) -> Tensor:
+        if isinstance(state, StackedDepthState):
+            return self._read_stacked(state, site)
         if state.impl == "reference":
             return self.read(state.sources, site)
         if state.impl == "fused":
@@ -211,17 +252,45 @@ class BlockAttnRes(ResidualScheme):
                 state.sources, self.query[site], self.key_gain[site], self.cfg.eps, rstd=state.rstd
             )
         outs, lse = state.group
-        i = site - state.group_start
-        if not 0 <= i < len(outs):
-            raise RuntimeError(
-                f"read site {site} is outside the two-phase group starting at {state.group_start}; "
-                "the state was not produced by update() for the previous sublayer"
-            )
+        i = self._group_index(state, site, len(outs))
         if i == 0:  # the group's first read sees exactly the completed blocks
             return outs[0].to(state.partial.dtype)
         return phase2_merge(
             outs[i], lse[..., i], state.partial, state.rstd[-1], self.query[site], self.key_gain[site]
         )
+
+    @staticmethod
+    def _group_index(state: DepthState | StackedDepthState, site: int, group_size: int) -> int:
+        i = site - state.group_start
+        if not 0 <= i < group_size:
+            raise RuntimeError(
+                f"read site {site} is outside the two-phase group starting at {state.group_start}; "
+                "the state was not produced by update() for the previous sublayer"
+            )
+        return i
+
+    def _init_stacked(self, embedding: Tensor) -> StackedDepthState:
+        state = StackedDepthState(
+            stack=SourceStack(embedding, self.max_sources()),
+            partial=embedding,
+            partial_rstd=rstd_stat(embedding, self.cfg.eps),
+            queries=fold_query(self.query, self.key_gain, embedding.dtype),
+        )
+        return self._open_stacked_group(state, 0)
+
+    def _open_stacked_group(self, state: StackedDepthState, start: int) -> StackedDepthState:
+        """Push the now complete partial sum as block ``b_g``, then phase 1 for sites ``start …``."""
+        state.stack.push(state.partial, state.partial_rstd)
+        end = min(start + self.block_size, self.n_sublayers + 1)
+        group = stacked_phase1(state.stack, state.queries[start:end], need_lse=end - start > 1)
+        return replace(state, group_start=start, group=group)
+
+    def _read_stacked(self, state: StackedDepthState, site: int) -> Tensor:
+        outs, lse = state.group  # [M, S', d], [M, S']
+        i = self._group_index(state, site, outs.shape[1])
+        if i == 0:  # the group's first read sees exactly the completed blocks
+            return outs[:, 0].view(state.partial.shape).to(state.partial.dtype)
+        return stacked_merge(outs[:, i], lse[:, i], state.partial, state.partial_rstd, state.queries[site])
 
     def _open_group(self, state: DepthState, start: int) -> DepthState:
         """Phase 1 for sites ``start …`` of one group, against ``sources`` (all complete blocks here)."""

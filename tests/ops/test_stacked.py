@@ -1,0 +1,128 @@
+"""The inference two-phase path (stacked sources, no autograd) against the reference read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnres.model import ModelConfig, Transformer
+from attnres.ops import stacked
+from attnres.ops.dispatch import select_impl, use_impl
+from attnres.ops.fused import fold_query, rstd_stat
+from attnres.ops.reference import depth_read
+from attnres.ops.stacked import SourceStack, stacked_merge, stacked_phase1
+from attnres.residuals.attnres import DepthState, StackedDepthState
+from tests.ops.test_fast_reads import TOL, ToyStack, assert_close, make_query_gain, make_sources
+
+
+@pytest.fixture(autouse=True)
+def poisoned_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stack starts full of NaN, so a read of a row that was never pushed shows up."""
+    init = SourceStack.__init__
+
+    def poisoned(self: SourceStack, like: torch.Tensor, capacity: int) -> None:
+        init(self, like, capacity)
+        self.values.fill_(float("nan"))
+        self.rstd.fill_(float("nan"))
+
+    monkeypatch.setattr(stacked.SourceStack, "__init__", poisoned)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("n_blocks", "s", "t", "d"),
+    [(1, 1, 7, 32), (1, 3, 1, 100), (3, 8, 7, 100), (8, 3, 1, 1168), (32, 2, 7, 32)],
+)
+@torch.no_grad()
+def test_phase1_plus_merge_matches_reference(
+    dtype: torch.dtype, n_blocks: int, s: int, t: int, d: int
+) -> None:
+    """Every read of a group: phase 1 over the stacked blocks, then the merge with the partial sum."""
+    *blocks, partial = make_sources(n_blocks + 1, t, d, dtype)
+    queries, gains = make_query_gain(d, s)
+    stack = SourceStack(partial, n_blocks + 3)  # spare rows stay NaN
+    for b in blocks:
+        stack.push(b, rstd_stat(b, 1e-6))
+    folded = fold_query(queries, gains, dtype)
+    outs, lse = stacked_phase1(stack, folded, need_lse=True)
+    only_outs, no_lse = stacked_phase1(stack, folded, need_lse=False)
+    assert no_lse is None
+    assert_close("phase 1 without lse", only_outs, outs, TOL[dtype])
+    for i in range(s):
+        ref_blocks = depth_read(blocks, queries[i], gains[i])
+        assert_close(f"read {i} phase 1", outs[:, i].view(partial.shape), ref_blocks, TOL[dtype])
+        ref = depth_read([*blocks, partial], queries[i], gains[i])
+        out = stacked_merge(outs[:, i], lse[:, i], partial, rstd_stat(partial, 1e-6), folded[i])
+        assert out.dtype == dtype and out.shape == partial.shape
+        assert_close(f"read {i} merged", out, ref, TOL[dtype])
+
+
+@torch.no_grad()
+def test_single_block_read_is_identity() -> None:
+    (v,) = make_sources(1, 7, 100, torch.float32)
+    queries, gains = make_query_gain(100, 2)
+    stack = SourceStack(v, 4)
+    stack.push(v, rstd_stat(v, 1e-6))
+    outs, _ = stacked_phase1(stack, fold_query(queries, gains, v.dtype), need_lse=False)
+    assert torch.equal(outs[:, 0].view(v.shape), v) and torch.equal(outs[:, 1].view(v.shape), v)
+
+
+@torch.no_grad()
+def test_stack_refuses_overflow() -> None:
+    v = torch.randn(2, 3, 8)
+    stack = SourceStack(v, 1)
+    stack.push(v, rstd_stat(v, 1e-6))
+    with pytest.raises(RuntimeError, match="stack is full"):
+        stack.push(v, rstd_stat(v, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(("variant", "n_sublayers", "block_size"), [
+    ("full", 7, None), ("block", 7, 1), ("block", 7, 2), ("block", 7, 3), ("block", 5, 8), ("block", 9, 3),
+    ("block", 8, 4),
+])  # fmt: skip
+@torch.no_grad()
+def test_scheme_inference_matches_reference(
+    dtype: torch.dtype, variant: str, n_sublayers: int, block_size: int | None
+) -> None:
+    """Without gradients, two-phase runs on the stack and equals per-read reference reads."""
+    model = ToyStack(variant, 100, n_sublayers, block_size, dtype)
+    for t in (1, 7):
+        x = torch.randn(2, t, 100, dtype=torch.float64).to(dtype)
+        with use_impl("reference"):
+            ref = model(x)
+        with use_impl("two_phase"):
+            assert isinstance(model.scheme.init_state(x), StackedDepthState)
+            out = model(x)
+        assert_close(f"T={t}", out, ref, TOL[dtype] * (10 if dtype == torch.float64 else 3))
+
+
+def test_auto_picks_fused_for_training_and_two_phase_for_inference() -> None:
+    scheme = ToyStack("block", 32, 4, 2, torch.float32).scheme
+    x = torch.randn(2, 3, 32)
+    assert select_impl("auto") == "fused"
+    assert isinstance(scheme.init_state(x), DepthState)
+    with torch.no_grad():
+        assert select_impl("auto") == "two_phase"
+        assert isinstance(scheme.init_state(x), StackedDepthState)
+    with torch.inference_mode():
+        assert isinstance(scheme.init_state(x), StackedDepthState)
+
+
+@pytest.mark.parametrize("variant", ["block", "full"])
+@torch.no_grad()
+def test_model_logits_agree_in_inference(variant: str) -> None:
+    """Whole model, no gradients: logits of every implementation equal the reference (fp64)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=99, d_model=32, n_layers=3, n_heads=4, seq_len=16,
+        residual={"variant": variant, "block_size": 4 if variant == "block" else None},
+    )  # fmt: skip
+    model = Transformer(cfg).double()
+    model.residual.query.normal_(0, 0.5)  # trained-looking queries; zero init hides query errors
+    tokens = torch.randint(0, 99, (2, 8))
+    with use_impl("reference"):
+        ref = model(tokens)
+    for impl in ("auto", "fused", "two_phase"):
+        with use_impl(impl):
+            assert_close(f"{impl} logits", model(tokens), ref, 1e-12)
