@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -47,6 +49,7 @@ def make_query_gain(d: int, s: int | None = None, seed: int = 1) -> tuple[torch.
     return q, gain
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("n", "t", "d"), [(1, 7, 32), (2, 1, 100), (5, 7, 100), (33, 7, 32), (9, 1, 1168)])
 def test_fused_read_matches_reference(dtype: torch.dtype, n: int, t: int, d: int) -> None:
@@ -69,12 +72,14 @@ def test_fused_read_matches_reference(dtype: torch.dtype, n: int, t: int, d: int
         assert_close(name, g, rg, tol)
 
 
+@pytest.mark.usefixtures("backend")
 def test_fused_single_source_is_identity() -> None:
     (v,) = make_sources(1, 7, 100, torch.float32)
     q, gain = make_query_gain(100)
     assert torch.equal(fused_depth_read([v], q, gain), v)
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("n_blocks", "s", "d"), [(1, 1, 32), (3, 8, 100), (8, 3, 1168), (32, 2, 32)])
 def test_phase1_plus_merge_matches_reference(dtype: torch.dtype, n_blocks: int, s: int, d: int) -> None:
@@ -138,6 +143,7 @@ def run_toy(impl: str, model: ToyStack, x: torch.Tensor) -> tuple[torch.Tensor, 
     return out, list(grads)
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize(("variant", "n_sublayers", "block_size"), [
     ("full", 7, None), ("block", 7, 1), ("block", 7, 2), ("block", 7, 3), ("block", 5, 8), ("block", 9, 3),
@@ -157,6 +163,7 @@ def test_scheme_impls_agree(dtype: torch.dtype, variant: str, n_sublayers: int, 
             assert_close(f"{impl} {name}", g, rg, tol)
 
 
+@pytest.mark.usefixtures("backend")
 def test_scheme_impls_agree_bf16() -> None:
     model = ToyStack("block", 100, 7, 3, torch.bfloat16)
     x = torch.randn(2, 7, 100).to(torch.bfloat16)
@@ -168,6 +175,7 @@ def test_scheme_impls_agree_bf16() -> None:
             assert_close(f"{impl} grad", g, rg, 3e-2)
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("variant", ["block", "full"])
 def test_model_logits_and_grads_agree(variant: str) -> None:
     """Whole model: logits and every parameter gradient equal across implementations (fp64)."""
@@ -243,3 +251,25 @@ def test_residual_path_compiles_fullgraph() -> None:
     assert_close("compiled output", out, ref, 1e-5)
     for g, rg in zip(grads, ref_grads[1:], strict=True):
         assert_close("compiled grad", g, rg, 1e-5)
+
+
+def test_native_build_failure_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compiler: reads still work on PyTorch ops, and the user is told once why they are slower."""
+    from attnres.ops import native
+
+    def no_compiler() -> None:
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", False)
+    monkeypatch.setattr(native, "_build", no_compiler)
+    sources = make_sources(3, 7, 32, torch.float32)
+    q, gain = make_query_gain(32)
+    with pytest.warns(
+        UserWarning, match="could not build the native CPU depth-read kernel.*command not found"
+    ):
+        out = fused_depth_read(sources, q, gain)
+    assert_close("fallback output", out, depth_read(sources, q, gain), TOL[torch.float32])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_depth_read(sources, q, gain)  # no second warning

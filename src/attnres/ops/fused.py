@@ -25,15 +25,21 @@ and its backward, with ``g_s = ∂/∂o_s`` and ``λ_s = ∂/∂lse_s``::
 The backward keeps only references to the sources (which the model holds anyway) and per-token
 statistics ``α`` and ``v_j · q_s`` (``N·S`` scalars per token); nothing ``d``-wide is saved.
 Statistics run in fp32 (fp64 for fp64 inputs); outputs are fp32 and callers cast them back.
+
+On CPU, ``_DepthAttend`` runs native kernels (:mod:`attnres.ops.native`) that do all of this one
+token at a time, reading each source once per read; the PyTorch ops below are their twin, used on
+other devices, under ``torch.compile``, and wherever the kernels cannot be built.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from attnres.ops.native import cpu_kernels
 from attnres.ops.reference import stats_dtype
 
 
@@ -78,6 +84,15 @@ class _DepthAttend(torch.autograd.Function):
         sources, rstd = tensors[:n_src], tensors[n_src:]
         d = sources[0].shape[-1]
         cd = queries.dtype
+        ctx.n_src = n_src
+        kernels = _native(sources[0])
+        if kernels is not None:
+            flat = [v.reshape(-1, d).contiguous() for v in sources]  # N × [M, d]; views when contiguous
+            rs = [r.reshape(-1) for r in rstd]
+            outs, lse, alpha, dots = kernels.forward(flat, rs, queries.contiguous())
+            ctx.save_for_backward(queries, alpha, dots, *sources, *rstd)
+            # outs [S, M, d]; lse [M, S]
+            return (*(o.view(sources[0].shape) for o in outs), lse.view(*sources[0].shape[:-1], -1))
         flat = [v.reshape(-1, d) for v in sources]  # N × [M, d]; views for contiguous sources
         # [N, M, S]: one pass over each source serves all S queries
         dots = torch.stack([(v if v.dtype == cd else v.to(cd)) @ queries.T for v in flat])
@@ -90,7 +105,6 @@ class _DepthAttend(torch.autograd.Function):
             for j in range(1, n_src):
                 o.addcmul_(flat[j], alpha[j, :, s, None])
             outs.append(o.view(sources[0].shape))
-        ctx.n_src = n_src
         ctx.save_for_backward(queries, alpha, dots, *sources, *rstd)
         return (*outs, lse.view(*sources[0].shape[:-1], -1))
 
@@ -105,6 +119,21 @@ class _DepthAttend(torch.autograd.Function):
         flat = [v.reshape(-1, d) for v in sources]
         g_out = [None if g is None else g.reshape(-1, d).to(cd) for g in grads[:n_q]]
         g_lse = grads[n_q]
+        kernels = _native(sources[0])
+        if kernels is not None:
+            none = queries.new_empty(0)  # the kernel reads a missing gradient as zero
+            result = kernels.backward(
+                [v.reshape(-1, d).contiguous() for v in sources],
+                [r.reshape(-1) for r in rstd],
+                queries.contiguous(),
+                alpha,
+                dots,
+                [none if g is None else g.contiguous() for g in g_out],
+                none if g_lse is None else g_lse.reshape(-1, n_q).to(cd).contiguous(),
+            )  # N × d source [M, d], d queries [S, d], N × d rstd [M]
+            d_sources = [dv.view(v.shape) for dv, v in zip(result[:n_src], sources, strict=True)]
+            d_rstd = [dr.view(r.shape) for dr, r in zip(result[n_src + 1 :], rstd, strict=True)]
+            return (result[n_src], None, *d_sources, *d_rstd)
         # dalpha[j, :, s] = g_s · v_j                                          [N, M, S]
         dalpha = torch.zeros_like(alpha)
         for s, g in enumerate(g_out):
@@ -133,6 +162,17 @@ class _DepthAttend(torch.autograd.Function):
                 d_sources.append(None)
             d_rstd.append((dz[j] * dots[j]).sum(-1).view(rstd[j].shape))
         return (d_queries, None, *d_sources, *d_rstd)
+
+
+def _native(source: Tensor) -> ModuleType | None:
+    """The native kernels when they apply to ``source``, else ``None``.
+
+    Under ``torch.compile`` the PyTorch-ops path runs instead: the compiler traces and fuses it,
+    while it cannot trace into the compiled extension.
+    """
+    if source.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return cpu_kernels()
 
 
 def depth_attend(

@@ -1,0 +1,82 @@
+"""Native CPU kernels of the fused depth read, compiled from ``csrc/depth_attend.cpp`` on first use.
+
+:class:`attnres.ops.fused._DepthAttend` runs them for CPU tensors: they read each source once per
+read instead of the ~15 passes of the PyTorch-ops path (see the C++ file's header). Building needs a
+C++ compiler and ``ninja`` (a dependency of this package); it takes about half a minute, once per
+machine: PyTorch caches the library under ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``). Without a compiler, or with ``ATTNRES_NATIVE=0`` in the environment,
+the read falls back to PyTorch ops, with one warning saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+_SOURCE = Path(__file__).parent / "csrc" / "depth_attend.cpp"
+_module: ModuleType | None = None
+_failed = False
+_enabled = os.environ.get("ATTNRES_NATIVE", "1") != "0"
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The compiled kernel module, or ``None`` when native kernels are off or cannot be built."""
+    global _module, _failed
+    if not _enabled or _failed:
+        return None
+    if _module is None:
+        try:
+            _module = _build()
+        except Exception as err:  # noqa: BLE001 - any build failure means: use the PyTorch-ops path
+            _failed = True
+            warnings.warn(
+                f"attnres: could not build the native CPU depth-read kernel ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}); depth reads use "
+                "PyTorch ops instead (correct, slower). Set ATTNRES_NATIVE=0 to silence this.",
+                stacklevel=2,
+            )
+            return None
+    return _module
+
+
+# Vector instructions by the CPU's capability as PyTorch detects it. Each level builds under its own
+# name, so a cache directory shared by different machines never hands one another's binary.
+_ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
+
+
+def _build() -> ModuleType:
+    import torch
+    from torch.utils.cpp_extension import load
+
+    level = torch.backends.cpu.get_cpu_capability()
+    start = time.perf_counter()
+    module = load(
+        name=f"attnres_depth_attend_{level.lower()}",
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-fopenmp", *_ARCH_FLAGS.get(level, [])],
+        extra_ldflags=["-fopenmp"],
+    )
+    if time.perf_counter() - start > 5:  # a cached build loads in about a second
+        print(
+            f"attnres: built the native CPU depth-read kernel in {time.perf_counter() - start:.0f} s "
+            "(cached for later runs)",
+            file=sys.stderr,
+        )
+    return module
+
+
+@contextlib.contextmanager
+def native_kernels(enabled: bool) -> Iterator[None]:
+    """Turn the native CPU kernels on or off inside the block (tests and benchmarks compare both)."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
