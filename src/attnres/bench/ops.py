@@ -3,7 +3,8 @@
 Per (N, d): one read over ``N`` sources of ``--tokens`` tokens, timed forward+backward (median of
 interleaved repeats), and the bytes autograd saves for backward (unique storages, sources
 included), for ``reference`` and ``fused``; ``two_phase`` is phase 1 for a group of 4 reads plus
-3 merges, reported per read.
+3 merges, reported per read. On CPU the fast paths run the native kernels
+(:mod:`attnres.ops.native`); the ``…[torch ops]`` arms are the same paths on PyTorch ops.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from attnres.bench.measure import interleaved_medians, machine, saved_bytes
 from attnres.ops.fused import fused_depth_read, source_rstd
+from attnres.ops.native import native_kernels
 from attnres.ops.reference import depth_read
 from attnres.ops.two_phase import phase1, phase2_merge
 
@@ -44,7 +46,20 @@ def _arms(n: int, d: int, tokens: int) -> dict:
             total = total + phase2_merge(outs[i], lse[..., i], sources[-1], r_p, q[i], gain[i]).sum()
         total.backward()
 
-    return {"reference": reference, "fused": fused, "two_phase": two_phase}
+    def on_torch_ops(fn):
+        def run():
+            with native_kernels(False):
+                fn()
+
+        return run
+
+    return {
+        "reference": reference,
+        "fused": fused,
+        "fused[torch ops]": on_torch_ops(fused),
+        "two_phase": two_phase,
+        "two_phase[torch ops]": on_torch_ops(two_phase),
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -57,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
             for impl, fn in arms.items():
                 with saved_bytes() as saved:
                     fn()
-                per_read = GROUP if impl == "two_phase" else 1
+                per_read = GROUP if impl.startswith("two_phase") else 1
                 rows.append({
                     "n": n, "d": d, "impl": impl, "ms_per_read": ms[impl] / per_read,
                     "speedup_vs_reference": ms["reference"] / (ms[impl] / per_read),
@@ -76,11 +91,11 @@ def table(result: dict) -> str:
     """Human-readable table of :func:`run`'s result."""
     lines = [
         f"bench ops, {result['tokens']} tokens, fwd+bwd per read, median of {result['repeats']}",
-        f"{'N':>3} {'d':>5} {'impl':<10} {'ms/read':>9} {'speedup':>8} {'saved MB/read':>14}",
+        f"{'N':>3} {'d':>5} {'impl':<20} {'ms/read':>9} {'speedup':>8} {'saved MB/read':>14}",
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['n']:>3} {r['d']:>5} {r['impl']:<10} {r['ms_per_read']:9.2f} "
+            f"{r['n']:>3} {r['d']:>5} {r['impl']:<20} {r['ms_per_read']:9.2f} "
             f"{r['speedup_vs_reference']:8.2f} {r['saved_mb_per_read']:14.2f}"
         )
     return "\n".join(lines)

@@ -9,6 +9,10 @@ served by the ordinary attention key/value cache below. Within one forward the d
 the tokens being processed (``N·T·d`` elements) are transient: they are freed when the forward
 ends, which is why chunked prefill bounds them to ``N·chunk·d``.
 
+Decode steps and prefill run without gradients, so AttnRes reads them with the two-phase read on a
+stack of the completed blocks (:mod:`attnres.ops.stacked`, chosen by ``impl="auto"``): a group's
+reads share one pass over the blocks, and each later read merges in the live partial sum.
+
 Layout
 ------
 Columns of the cache are *slots*, shared by all rows of the batch. A left-padded batch writes its

@@ -1,8 +1,8 @@
 """Autoregressive generation with a KV cache: chunked prefill, then one token per step.
 
-The residual scheme is called through its ordinary interface at every step, so whatever read it
-uses (the reference read, or a fast or two-phase read it dispatches to) serves decoding too; a
-decode step is simply a forward over one token per row. See :mod:`attnres.model.cache` for why no
+The residual scheme is called through its ordinary interface at every step; without gradients,
+AttnRes dispatches to its inference two-phase read (:mod:`attnres.ops.stacked`). A decode step is
+simply a forward over one token per row. See :mod:`attnres.model.cache` for why no
 depth state is cached across tokens.
 
 Sampling, per row and step: ``temperature == 0`` is greedy (argmax). Otherwise logits are divided
