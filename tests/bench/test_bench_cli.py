@@ -1,4 +1,4 @@
-"""``attnres bench ops`` runs end to end and ends stdout with one JSON line."""
+"""``attnres bench ops`` and ``attnres bench train`` run end to end and end stdout with one JSON line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,17 @@ def test_bench_ops_json_last_line(capsys) -> None:
     main(["bench", "ops", "--n", "1,3", "--d", "32", "--tokens", "16", "--repeats", "1", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {(r["n"], r["impl"]) for r in result["rows"]} == {
-        (n, impl) for n in (1, 3) for impl in ("reference", "fused", "two_phase")
+        (n, impl)
+        for n in (1, 3)
+        for impl in ("reference", "fused", "fused[torch ops]", "two_phase", "two_phase[torch ops]")
     }
     assert all(r["ms_per_read"] > 0 and r["saved_mb_per_read"] > 0 for r in result["rows"])
+
+
+def test_bench_train_pairwise_json(capsys) -> None:
+    args = ["bench", "train", "--size", "tiny", "--variants", "block,rezero", "--impls", "auto"]
+    main([*args, "--repeats", "1", "--pairwise", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["arm"] for r in result["rows"]] == ["prenorm", "block[auto]", "rezero"]
+    assert result["rows"][0]["ratio_vs_prenorm"] == 1.0
+    assert all(r["step_ms"] > 0 and r["memory_ratio"] > 0 for r in result["rows"])

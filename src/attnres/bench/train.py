@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -21,6 +22,7 @@ from attnres.ops.dispatch import use_impl
 from attnres.residuals import ResidualConfig, variant_names
 
 SIZES = {
+    "tiny": dict(d_model=32, n_layers=2, n_heads=4, seq_len=16, batch=2),  # smoke tests
     "small": dict(d_model=128, n_layers=8, n_heads=4, seq_len=256, batch=8),
     "reference": dict(d_model=512, n_layers=8, n_heads=8, seq_len=512, batch=4),
 }
@@ -28,11 +30,29 @@ ATTNRES = ("block", "full")
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Measure every (variant, impl) arm; returns the JSON-ready result."""
+    """Measure every (variant, impl) arm; returns the JSON-ready result.
+
+    With ``--pairwise`` each variant is measured in its own run beside a fresh prenorm, one pair at
+    a time, so only two models are alive at once (all eleven variants at the reference size do not
+    fit in memory together); ratios are always to the prenorm of the same run.
+    """
     variants = variant_names() if args.variants == "all" else args.variants.split(",")
-    if "prenorm" not in variants:
-        variants = ["prenorm", *variants]
+    variants = [v for v in variants if v != "prenorm"]
     size = SIZES[args.size]
+    if not args.pairwise:
+        rows = _measure(["prenorm", *variants], size, args.impls.split(","), args.repeats)
+    else:
+        rows = []
+        for i, variant in enumerate(variants):
+            print(f"[{i + 1}/{len(variants)}] {variant} beside prenorm", file=sys.stderr, flush=True)
+            pair = _measure(["prenorm", variant], size, args.impls.split(","), args.repeats)
+            rows += pair if i == 0 else pair[1:]
+    return {"bench": "train", "size": args.size, "shape": size, "repeats": args.repeats,
+            "pairwise": args.pairwise, "rows": rows, "machine": machine()}  # fmt: skip
+
+
+def _measure(variants: list[str], size: dict, impls: list[str], repeats: int) -> list[dict]:
+    """Rows for ``variants`` (the first is the baseline), their arms interleaved in one run."""
     batch = size["batch"]
     model_kw = {k: v for k, v in size.items() if k != "batch"}
     gen = torch.Generator().manual_seed(0)
@@ -41,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
 
     arms, fwd_arms, memory = {}, {}, {}
     for variant in variants:
-        for impl in args.impls.split(",") if variant in ATTNRES else ["-"]:
+        for impl in impls if variant in ATTNRES else ["-"]:
             name = variant if impl == "-" else f"{variant}[{impl}]"
             torch.manual_seed(0)
             model = Transformer(ModelConfig(vocab_size=256, residual=ResidualConfig(variant), **model_kw))
@@ -65,22 +85,21 @@ def run(args: argparse.Namespace) -> dict:
             del loss
             memory[name] = (saved[0] + 4 * n_params) / 2**20
 
-    step_ms = interleaved_medians(arms, args.repeats)
-    fwd_ms = interleaved_medians(fwd_arms, args.repeats)
-    rows = [
+    step_ms = interleaved_medians(arms, repeats)
+    fwd_ms = interleaved_medians(fwd_arms, repeats)
+    base = variants[0]
+    return [
         {
             "arm": name,
             "step_ms": step_ms[name],
-            "ratio_vs_prenorm": step_ms[name] / step_ms["prenorm"],
+            "ratio_vs_prenorm": step_ms[name] / step_ms[base],
             "forward_ms": fwd_ms[name],
-            "forward_ratio": fwd_ms[name] / fwd_ms["prenorm"],
+            "forward_ratio": fwd_ms[name] / fwd_ms[base],
             "memory_mb": memory[name],
-            "memory_ratio": memory[name] / memory["prenorm"],
+            "memory_ratio": memory[name] / memory[base],
         }
         for name in arms
     ]
-    return {"bench": "train", "size": args.size, "shape": size, "repeats": args.repeats, "rows": rows,
-            "machine": machine()}  # fmt: skip
 
 
 def table(result: dict) -> str:
@@ -100,11 +119,16 @@ def table(result: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``attnres bench train`` flags."""
     p.add_argument("--variants", default="prenorm,block,full", help="comma-separated names, or 'all'")
-    p.add_argument("--size", choices=("small", "reference"), default="small")
+    p.add_argument("--size", choices=tuple(SIZES), default="small")
     p.add_argument(
         "--impls", default="reference,auto", help="depth-read implementations for AttnRes variants"
     )
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--pairwise",
+        action="store_true",
+        help="measure each variant in its own run beside prenorm (bounded memory; use with --variants all)",
+    )
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line")
 
 
