@@ -126,3 +126,34 @@ def test_model_logits_agree_in_inference(variant: str) -> None:
     for impl in ("auto", "fused", "two_phase"):
         with use_impl(impl):
             assert_close(f"{impl} logits", model(tokens), ref, 1e-12)
+
+
+@pytest.mark.parametrize("impl", ["fused", "two_phase"])
+@torch.no_grad()
+def test_inference_path_compiles_fullgraph(impl: str) -> None:
+    """Without gradients the residual path (stacked two-phase, or fused) traces into one graph."""
+    torch._dynamo.reset()
+    model = ToyStack("block", 32, 5, 2, torch.float32)
+    x = torch.randn(2, 7, 32)
+    with use_impl("reference"):
+        ref = model(x)
+    with use_impl(impl):
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    assert_close("compiled output", out, ref, TOL[torch.float32])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
+def test_residual_path_compiles_fullgraph_with_inductor(grad: bool) -> None:
+    """The default backend (inductor, C++ codegen on CPU) compiles the two-phase path in one graph."""
+    torch._dynamo.reset()
+    model = ToyStack("block", 32, 5, 2, torch.float32)
+    x = torch.randn(2, 7, 32)
+    with use_impl("reference"):
+        ref = model(x)
+    with torch.set_grad_enabled(grad), use_impl("two_phase"):
+        out = torch.compile(model, fullgraph=True)(x)
+    assert_close("compiled output", out, ref, TOL[torch.float32])
+    if grad:
+        out.sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

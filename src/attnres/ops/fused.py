@@ -76,37 +76,43 @@ def source_rstd(v: Tensor, eps: float) -> Tensor:
     return _SourceRstd.apply(v, eps)
 
 
+def _attend(
+    queries: Tensor, sources: Sequence[Tensor], rstd: Sequence[Tensor]
+) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    """The forward math: ``S`` outputs ``[..., d]``, ``lse [..., S]``, and ``α``, ``v·q`` ``[N, M, S]``."""
+    d = sources[0].shape[-1]
+    cd = queries.dtype
+    kernels = _native(sources[0])
+    if kernels is not None:
+        flat = [v.reshape(-1, d).contiguous() for v in sources]  # N × [M, d]; views when contiguous
+        outs, lse, alpha, dots = kernels.forward(flat, [r.reshape(-1) for r in rstd], queries.contiguous())
+        # outs [S, M, d]; lse [M, S]
+        return [o.view(sources[0].shape) for o in outs], lse.view(*sources[0].shape[:-1], -1), alpha, dots
+    flat = [v.reshape(-1, d) for v in sources]  # N × [M, d]; views for contiguous sources
+    # [N, M, S]: one pass over each source serves all S queries
+    dots = torch.stack([(v if v.dtype == cd else v.to(cd)) @ queries.T for v in flat])
+    logits = dots * torch.stack([r.reshape(-1) for r in rstd]).unsqueeze(-1)
+    lse = torch.logsumexp(logits, dim=0)  # [M, S]
+    alpha = logits.sub_(lse).exp_()  # [N, M, S]
+    outs = []
+    for s in range(queries.shape[0]):
+        o = flat[0] * alpha[0, :, s, None]  # promotes to the statistics dtype
+        for j in range(1, len(flat)):
+            o.addcmul_(flat[j], alpha[j, :, s, None])
+        outs.append(o.view(sources[0].shape))
+    return outs, lse.view(*sources[0].shape[:-1], -1), alpha, dots
+
+
 class _DepthAttend(torch.autograd.Function):
     """``S`` folded queries against ``N`` listed sources; see the module docstring for the math."""
 
     @staticmethod
     def forward(ctx, queries: Tensor, n_src: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         sources, rstd = tensors[:n_src], tensors[n_src:]
-        d = sources[0].shape[-1]
-        cd = queries.dtype
+        outs, lse, alpha, dots = _attend(queries, sources, rstd)
         ctx.n_src = n_src
-        kernels = _native(sources[0])
-        if kernels is not None:
-            flat = [v.reshape(-1, d).contiguous() for v in sources]  # N × [M, d]; views when contiguous
-            rs = [r.reshape(-1) for r in rstd]
-            outs, lse, alpha, dots = kernels.forward(flat, rs, queries.contiguous())
-            ctx.save_for_backward(queries, alpha, dots, *sources, *rstd)
-            # outs [S, M, d]; lse [M, S]
-            return (*(o.view(sources[0].shape) for o in outs), lse.view(*sources[0].shape[:-1], -1))
-        flat = [v.reshape(-1, d) for v in sources]  # N × [M, d]; views for contiguous sources
-        # [N, M, S]: one pass over each source serves all S queries
-        dots = torch.stack([(v if v.dtype == cd else v.to(cd)) @ queries.T for v in flat])
-        logits = dots * torch.stack([r.reshape(-1) for r in rstd]).unsqueeze(-1)
-        lse = torch.logsumexp(logits, dim=0)  # [M, S]
-        alpha = logits.sub_(lse).exp_()  # [N, M, S]
-        outs = []
-        for s in range(queries.shape[0]):
-            o = flat[0] * alpha[0, :, s, None]  # promotes to the statistics dtype
-            for j in range(1, n_src):
-                o.addcmul_(flat[j], alpha[j, :, s, None])
-            outs.append(o.view(sources[0].shape))
         ctx.save_for_backward(queries, alpha, dots, *sources, *rstd)
-        return (*outs, lse.view(*sources[0].shape[:-1], -1))
+        return (*outs, lse)
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -203,6 +209,9 @@ def depth_attend(
                 f"vs {tuple(shape)} {sources[0].dtype}"
             )
     queries = queries.to(stats_dtype(sources[0].dtype))
+    if not torch.is_grad_enabled():  # nothing to save for a backward pass
+        outs, lse, _, _ = _attend(queries, sources, rstd)
+        return tuple(outs), lse
     *outs, lse = _DepthAttend.apply(queries, len(sources), *sources, *rstd)
     return tuple(outs), lse
 
