@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from attnres.ops import triton as triton_ops
+from attnres.ops.dispatch import kernels_for
 from attnres.ops.reference import stats_dtype
 
 
@@ -141,6 +143,8 @@ def depth_attend(
     Returns:
         ``(outs, lse)``: ``S`` normalised outputs ``o_s = Σ_j α_sj v_j`` ``[..., d]`` and the
         log-sum-exp of the logits ``[..., S]``, all in the statistics dtype.
+
+    Runs on the Triton kernels where :func:`attnres.ops.dispatch.kernels_for` says so (CUDA).
     """
     if len(sources) == 0:
         raise ValueError("a depth read needs at least one source")
@@ -156,6 +160,8 @@ def depth_attend(
                 f"vs {tuple(shape)} {sources[0].dtype}"
             )
     queries = queries.to(stats_dtype(sources[0].dtype))
+    if kernels_for(sources[0]) == "triton":
+        return triton_ops.depth_attend(sources, rstd, queries)
     *outs, lse = _DepthAttend.apply(queries, len(sources), *sources, *rstd)
     return tuple(outs), lse
 
