@@ -1,4 +1,4 @@
-"""Autograd functions over the Triton kernels: drop-in twins of ``fused._DepthAttend`` and ``two_phase._Merge``.
+"""Autograd functions over the Triton kernels, drop-in twins of ``fused._DepthAttend`` and ``_Merge``.
 
 Same inputs, outputs, dtypes and backward math as the PyTorch functions (see their module
 docstrings); only the work moves into :mod:`attnres.ops.triton.kernels`. Importing this module

@@ -28,7 +28,8 @@ import triton.language as tl
 @triton.jit
 def _slot(j: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
     """Pointer argument ``j`` of eight; ``j`` is a compile-time constant, so this is free."""
-    if j == 0:
+    # a Triton function cannot index a dict or tuple of pointers by a loop variable: branch instead
+    if j == 0:  # noqa: SIM116
         return p0
     elif j == 1:
         return p1
@@ -85,14 +86,12 @@ def attend_logits_kernel(
     qs = tl.arange(0, S_PAD)
     cols = tl.arange(0, BLOCK_D)
     offs, mask = _stat_offsets(rows, qs, row_mask, S)
-    q_mask = (qs < S)[:, None]
     for j in tl.static_range(N_SLOTS):
         v_ptr = _slot(j, v0, v1, v2, v3, v4, v5, v6, v7)
         dot = tl.zeros([BLOCK_M, S_PAD], cd)
         for d0 in range(0, d, BLOCK_D):
             v = _tile(v_ptr, rows, d0 + cols, row_mask, d, cd)  # [BM, BD]
-            q = tl.load(q_ptr + qs[:, None] * d + d0 + cols[None, :],
-                        mask=q_mask & (d0 + cols < d)[None, :], other=0.0)  # [S_PAD, BD]
+            q = _tile(q_ptr, qs, d0 + cols, qs < S, d, cd)  # [S_PAD, BD]
             dot += tl.sum(v[:, None, :] * q[None, :, :], axis=2)  # [BM, S_PAD]
         tl.store(dots_ptr + j * M * S + offs, dot, mask=mask)
         r = tl.load(_slot(j, r0, r1, r2, r3, r4, r5, r6, r7) + rows, mask=row_mask, other=0.0)
@@ -193,8 +192,8 @@ def attend_grad_kernel(
 ):  # fmt: skip
     """Backward, pass 2 (grid: token blocks × channel blocks), with ``∂z = α (dalpha − gbar + ∂lse)``:
 
-        ∂v_j = Σ_s α_sj g_s + r_j Σ_s ∂z_sj q_s,   ∂r_j = Σ_s ∂z_sj dots_sj,
-        ∂q_s = Σ_tokens Σ_j ∂z_sj r_j v_j   (this token block's share, in ``dq [blocks, S, d]``)
+    ∂v_j = Σ_s α_sj g_s + r_j Σ_s ∂z_sj q_s,   ∂r_j = Σ_s ∂z_sj dots_sj,
+    ∂q_s = Σ_tokens Σ_j ∂z_sj r_j v_j   (this token block's share, in ``dq [blocks, S, d]``)
     """
     cd: tl.constexpr = q_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -206,7 +205,7 @@ def attend_grad_kernel(
     offs, mask = _stat_offsets(rows, qs, row_mask, S)
     lse = tl.load(lse_ptr + offs, mask=mask, other=0.0)
     centre = tl.load(glse_ptr + offs, mask=mask, other=0.0) - tl.load(gbar_ptr + offs, mask=mask, other=0.0)
-    q = tl.load(q_ptr + qs[:, None] * d + cols[None, :], mask=(qs < S)[:, None] & col_mask[None, :], other=0.0)
+    q = _tile(q_ptr, qs, cols, qs < S, d, cd)  # [S_PAD, BD]
     g = tl.zeros([BLOCK_M, S_PAD, BLOCK_D], cd)  # the S output gradients, loaded once for all sources
     for s in tl.static_range(S):
         g_s = _tile(_slot(s, g0, g1, g2, g3, g4, g5, g6, g7), rows, cols, row_mask, d, cd)
@@ -225,12 +224,12 @@ def attend_grad_kernel(
         tl.store(dv_ptr + tile, dv.to(dv_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
         v = _tile(_slot(j, v0, v1, v2, v3, v4, v5, v6, v7), rows, cols, row_mask, d, cd)
         dq += tl.sum(coef[:, :, None] * v[:, None, :], axis=0)  # [S_PAD, BD]
-        tl.store(_slot(j, dr0, dr1, dr2, dr3, dr4, dr5, dr6, dr7) + rows, tl.sum(dz * dot, axis=1), mask=dr_mask)
-    dq_offs = pid_m.to(tl.int64) * S * d + qs[:, None] * d + cols[None, :]
-    dq_mask = (qs < S)[:, None] & col_mask[None, :]
+        dr_ptr = _slot(j, dr0, dr1, dr2, dr3, dr4, dr5, dr6, dr7)
+        tl.store(dr_ptr + rows, tl.sum(dz * dot, axis=1), mask=dr_mask)
+    dq_ptr += pid_m.to(tl.int64) * S * d  # this block's [S, d] share
     if ACCUM:
-        dq += tl.load(dq_ptr + dq_offs, mask=dq_mask, other=0.0)
-    tl.store(dq_ptr + dq_offs, dq, mask=dq_mask)
+        dq += _tile(dq_ptr, qs, cols, qs < S, d, cd)
+    tl.store(dq_ptr + qs[:, None] * d + cols[None, :], dq, mask=(qs < S)[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -252,8 +251,8 @@ def merge_kernel(
         p = _tile(p_ptr, rows, d0 + cols, row_mask, d, cd)
         q = tl.load(q_ptr + d0 + cols, mask=d0 + cols < d, other=0.0)
         dot += tl.sum(p * q[None, :], axis=1)
-    x = dot * tl.load(rp_ptr + rows, mask=row_mask, other=0.0) - tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    sig = 1.0 / (1.0 + tl.exp(-x))
+    r_p = tl.load(rp_ptr + rows, mask=row_mask, other=0.0)
+    sig = 1.0 / (1.0 + tl.exp(tl.load(lse_ptr + rows, mask=row_mask, other=0.0) - dot * r_p))  # σ(x)
     for d0 in range(0, d, BLOCK_D):
         tile = rows[:, None] * d + d0 + cols[None, :]
         mask = row_mask[:, None] & (d0 + cols < d)[None, :]
@@ -274,8 +273,8 @@ def merge_grad_kernel(
 ):  # fmt: skip
     """Merge backward (grid: token blocks), with ``∂x = σ · (g · (p − h))``:
 
-        ∂o = (1 − σ) g,   ∂p = σ g + ∂x r_p q,   ∂lse = −∂x,   ∂r_p = ∂x (p · q),
-        ∂q = Σ_tokens ∂x r_p p   (this token block's share, in ``dq [blocks, d]``)
+    ∂o = (1 − σ) g,   ∂p = σ g + ∂x r_p q,   ∂lse = −∂x,   ∂r_p = ∂x (p · q),
+    ∂q = Σ_tokens ∂x r_p p   (this token block's share, in ``dq [blocks, d]``)
     """
     cd: tl.constexpr = q_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -299,6 +298,8 @@ def merge_grad_kernel(
         g = _tile(g_ptr, rows, d0 + cols, row_mask, d, cd)
         p = _tile(p_ptr, rows, d0 + cols, row_mask, d, cd)
         q = tl.load(q_ptr + d0 + cols, mask=d0 + cols < d, other=0.0)
+        d_p = sig[:, None] * g + coef[:, None] * q[None, :]
         tl.store(do_ptr + tile, (1.0 - sig)[:, None] * g, mask=mask)
-        tl.store(dp_ptr + tile, (sig[:, None] * g + coef[:, None] * q[None, :]).to(dp_ptr.dtype.element_ty), mask=mask)
-        tl.store(dq_ptr + pid.to(tl.int64) * d + d0 + cols, tl.sum(coef[:, None] * p, axis=0), mask=d0 + cols < d)
+        tl.store(dp_ptr + tile, d_p.to(dp_ptr.dtype.element_ty), mask=mask)
+        dq = tl.sum(coef[:, None] * p, axis=0)  # this block's share of ∂q  [BD]
+        tl.store(dq_ptr + pid.to(tl.int64) * d + d0 + cols, dq, mask=d0 + cols < d)
