@@ -129,6 +129,12 @@ def kernels_for(x: Tensor) -> str:
     if kernels == "auto":
         use = x.is_cuda and triton_ops.available() and not torch.compiler.is_compiling()
         return "triton" if use else "torch"
-    if kernels == "triton" and not triton_ops.available():
-        raise ImportError("depth-read kernels 'triton' need Triton: pip install 'attnres[gpu]'")
+    if kernels == "triton":
+        if not triton_ops.available():
+            raise ImportError("depth-read kernels 'triton' need Triton: pip install 'attnres[gpu]'")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"depth-read kernels 'triton' got a {x.device.type} tensor: they need CUDA tensors, "
+                "or TRITON_INTERPRET=1 (set before Triton is imported) to run on CPU"
+            )
     return kernels

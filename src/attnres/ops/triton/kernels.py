@@ -137,7 +137,7 @@ def attend_output_kernel(
         v = _tile(_slot(j, v0, v1, v2, v3, v4, v5, v6, v7), rows, cols, row_mask, d, cd)  # [BM, BD]
         acc += alpha[:, :, None] * v[:, None, :]
     # o is [S, M, d]: element (m, s, c) of the tile lives at s·M·d + m·d + c
-    o_offs = qs[None, :, None] * M * d + rows[:, None, None] * d + cols[None, None, :]
+    o_offs = qs[None, :, None].to(tl.int64) * M * d + rows[:, None, None] * d + cols[None, None, :]
     o_mask = mask[:, :, None] & (cols < d)[None, None, :]
     if ACCUM:
         acc += tl.load(out_ptr + o_offs, mask=o_mask, other=0.0)
