@@ -28,16 +28,18 @@ the gradients). Why this and not the alternatives:
   and a host-to-device copy per read, which ``torch.compile`` cannot trace;
 * one kernel specialised per source count recompiles for every ``N`` a model reads (up to
   ``L + 1`` for Full AttnRes);
-* fixed slots compile at most eight variants per kernel, keep the sources as ordinary tensor
-  arguments, and cost nothing extra up to eight sources (Block AttnRes's usual case); past
-  eight, each chunk adds a read-modify-write of the ``[S, M, d]`` outputs.
+* fixed slots compile at most eight source-count variants of a kernel (per query count and
+  dtype), keep the sources as ordinary tensor arguments, and cost nothing extra up to eight
+  sources; past eight, each further chunk adds a read-modify-write of the ``[S, M, d]``
+  outputs (Block AttnRes at the paper's ~8 blocks needs it only for its last reads; Full
+  AttnRes pays it on every read past the eighth sublayer).
 
 The ``S`` gradients of the backward are pointer slots too, so one autograd call takes at most
 eight queries; phase 1 of a larger group runs as several calls (each reads the sources once).
 
 **Testing.** ``tests/ops/test_triton.py`` runs every kernel on CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``) against :mod:`attnres.ops.reference` and the PyTorch fast path, with
-NaN-filled buffers, and compiles each kernel for sm_80 and sm_90 without a GPU. The interpreter
+NaN-filled buffers, and compiles each kernel for sm_90 without a GPU. The interpreter
 rounds fp32 → bf16 stores toward zero, the GPU to nearest; bf16 tolerances cover both. Block
 sizes are fixed heuristics, not tuned, and the kernels have not yet been timed on a GPU.
 """
