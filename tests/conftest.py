@@ -10,6 +10,12 @@ import torch
 # Tests run on 2 cores next to other jobs; more threads only add contention.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Without CUDA, tests/ops/test_triton.py runs the Triton kernels under Triton's interpreter. Triton
+# reads this switch when it is first imported (its language functions are decorated then), and
+# torch.compile imports it, so it has to be set before any test runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -7,22 +7,24 @@ from collections.abc import Iterator
 
 import pytest
 
-from attnres.ops.native import cpu_kernels, native_kernels
+from attnres.ops.dispatch import use_kernels
+from attnres.ops.native import cpu_kernels
 
 
 @pytest.fixture(params=["native", "torch"])
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run a test on the native CPU kernels (outputs NaN-poisoned) and on the PyTorch-ops path."""
     if request.param == "torch":
-        with native_kernels(False):
+        with use_kernels("torch"):
             yield "torch"
         return
-    if os.environ.get("ATTNRES_NATIVE") == "0":
-        pytest.skip("native kernels turned off by ATTNRES_NATIVE=0")
+    if os.environ.get("ATTNRES_KERNELS") == "torch":
+        pytest.skip("native kernels turned off by ATTNRES_KERNELS=torch")
     kernels = cpu_kernels()
     assert kernels is not None, "the native CPU kernel did not build (see the warning above)"
     kernels.set_poison_outputs(True)
     try:
-        yield "native"
+        with use_kernels("native"):
+            yield "native"
     finally:
         kernels.set_poison_outputs(False)

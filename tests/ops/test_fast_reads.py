@@ -31,6 +31,15 @@ def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float) -> N
     assert err <= tol, f"{name}: relative RMS error {err:.2e} > {tol:.0e}"
 
 
+def assert_grads_close(name: str, grads, ref_grads, tol: float) -> None:
+    """Each leaf's gradient against the reference's; a leaf the reference leaves at zero gets none."""
+    for j, (g, rg) in enumerate(zip(grads, ref_grads, strict=True)):
+        if rg is None or rg.abs().max() == 0:
+            assert g is None or g.abs().max() == 0, f"{name}: leaf {j} got a spurious gradient"
+        else:
+            assert_close(f"{name}: d leaf {j}", g, rg, tol)
+
+
 def make_sources(n: int, t: int, d: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     """``n`` leaf sources ``[2, t, d]`` with different scales, so the RMS norm matters."""
     g = torch.Generator().manual_seed(seed)
@@ -98,11 +107,7 @@ def test_phase1_plus_merge_matches_reference(dtype: torch.dtype, n_blocks: int, 
         out = phase2_merge(outs[i], lse[..., i], partial, r_p, queries[i], gains[i])
         grads = torch.autograd.grad(out, leaves, grad_out, retain_graph=True, allow_unused=True)
         assert_close(f"read {i} output", out, ref, tol)
-        for j, (g, rg) in enumerate(zip(grads, ref_grads, strict=True)):
-            if rg is None or rg.abs().max() == 0:
-                assert g is None or g.abs().max() == 0, f"read {i}: leaf {j} got a spurious gradient"
-            else:
-                assert_close(f"read {i}: d leaf {j}", g, rg, tol)
+        assert_grads_close(f"read {i}", grads, ref_grads, tol)
 
 
 def test_merge_rejects_mismatched_shapes() -> None:

@@ -15,8 +15,8 @@ import json
 import torch
 
 from attnres.bench.measure import interleaved_medians, machine, saved_bytes
+from attnres.ops.dispatch import use_kernels
 from attnres.ops.fused import fused_depth_read, source_rstd
-from attnres.ops.native import native_kernels
 from attnres.ops.reference import depth_read
 from attnres.ops.two_phase import phase1, phase2_merge
 
@@ -48,7 +48,7 @@ def _arms(n: int, d: int, tokens: int) -> dict:
 
     def on_torch_ops(fn):
         def run():
-            with native_kernels(False):
+            with use_kernels("torch"):
                 fn()
 
         return run

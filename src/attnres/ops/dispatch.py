@@ -12,19 +12,36 @@ Implementations:
 
 A config field (``ResidualConfig.impl``) picks one per model; :func:`use_impl` forces one for a
 block of code (tests and benchmarks), overriding the config.
+
+Kernels, orthogonal to the implementation: ``fused`` and ``two_phase`` run their depth attend (and
+``two_phase`` its merge) as PyTorch ops (``torch``), as the Triton kernels of
+:mod:`attnres.ops.triton` (``triton``), or as the native C++ kernels of :mod:`attnres.ops.native`
+(``native``, CPU; the depth attend only). ``auto`` (default) picks Triton for CUDA tensors when
+Triton is installed, the native kernels for CPU tensors when they build, and PyTorch under
+``torch.compile`` and otherwise (:func:`kernels_for`). Force one with :func:`use_kernels` or, for a
+whole process, the environment variable ``ATTNRES_KERNELS`` (``torch`` compares against the
+PyTorch ops; ``triton`` on CPU runs Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set
+before the kernels are first used).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 
 import torch
+from torch import Tensor
+
+from attnres.ops import triton as triton_ops
+from attnres.ops.native import cpu_kernels
 
 IMPLS = ("auto", "reference", "fused", "two_phase")
+KERNELS = ("auto", "torch", "triton", "native")
 
 _forced: str | None = None
+_forced_kernels: str | None = None
 
 
 def check_impl(impl: str) -> str:
@@ -68,6 +85,9 @@ def select_impl(configured: str, supported: bool = True) -> str:
       (:mod:`attnres.ops.stacked`). One-thread prefill of 512 / 2048 tokens at d=512 measured
       Block 1.03x / 1.01x prenorm against fused 1.07x / 1.01x and reference 1.27x / 1.54x; Full
       1.06x / 1.09x against 1.13x / 1.10x and 1.54x / 2.11x (``benchmarks/results/infer_cpu.md``).
+
+    On CUDA the same choice holds; the ops then run on the Triton kernels (:func:`kernels_for`),
+    which have not been timed yet (no GPU so far).
     """
     impl = check_impl(_forced if _forced is not None else configured)
     if impl == "reference":
@@ -83,3 +103,58 @@ def select_impl(configured: str, supported: bool = True) -> str:
     if impl == "auto":
         return "fused" if torch.is_grad_enabled() else "two_phase"
     return impl
+
+
+def check_kernels(kernels: str) -> str:
+    """Return ``kernels`` if it names a kernel backend, else raise an error listing the valid ones."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown depth-read kernels {kernels!r}; valid: {', '.join(KERNELS)}")
+    return kernels
+
+
+_env_kernels = check_kernels(os.environ.get("ATTNRES_KERNELS", "auto"))
+
+
+@contextlib.contextmanager
+def use_kernels(kernels: str) -> Iterator[None]:
+    """Force the kernels (``auto``, ``torch``, ``triton``, ``native``) of every fast depth read in the block.
+
+    Overrides ``ATTNRES_KERNELS``. The choice is made at each op call of the forward; a
+    backward runs on the kernels its forward used, wherever it runs.
+    """
+    global _forced_kernels
+    previous, _forced_kernels = _forced_kernels, check_kernels(kernels)
+    try:
+        yield
+    finally:
+        _forced_kernels = previous
+
+
+def kernels_for(x: Tensor) -> str:
+    """``"triton"``, ``"native"`` or ``"torch"``: which kernels run a fast depth-read op on ``x``.
+
+    ``auto`` leaves the ops to PyTorch under ``torch.compile``, which traces and fuses them
+    (``fullgraph=True`` is tested there); the Triton and native kernels inside a compiled graph are
+    untested.
+    """
+    kernels = _forced_kernels if _forced_kernels is not None else _env_kernels
+    if kernels == "auto":
+        if torch.compiler.is_compiling():
+            return "torch"
+        if x.is_cuda and triton_ops.available():
+            return "triton"
+        return "native" if x.device.type == "cpu" and cpu_kernels() is not None else "torch"
+    if kernels == "triton":
+        if not triton_ops.available():
+            raise ImportError("depth-read kernels 'triton' need Triton: pip install 'attnres[gpu]'")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"depth-read kernels 'triton' got a {x.device.type} tensor: they need CUDA tensors, "
+                "or TRITON_INTERPRET=1 (set before Triton is imported) to run on CPU"
+            )
+    if kernels == "native":
+        if x.device.type != "cpu":
+            raise ValueError(f"depth-read kernels 'native' are CPU kernels; got a {x.device.type} tensor")
+        if cpu_kernels() is None:
+            raise RuntimeError("depth-read kernels 'native' could not be built; see the warning above")
+    return kernels

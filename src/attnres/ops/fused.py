@@ -34,11 +34,12 @@ other devices, under ``torch.compile``, and wherever the kernels cannot be built
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from attnres.ops import triton as triton_ops
+from attnres.ops.dispatch import kernels_for
 from attnres.ops.native import cpu_kernels
 from attnres.ops.reference import stats_dtype
 
@@ -77,13 +78,13 @@ def source_rstd(v: Tensor, eps: float) -> Tensor:
 
 
 def _attend(
-    queries: Tensor, sources: Sequence[Tensor], rstd: Sequence[Tensor]
+    queries: Tensor, sources: Sequence[Tensor], rstd: Sequence[Tensor], native: bool
 ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
     """The forward math: ``S`` outputs ``[..., d]``, ``lse [..., S]``, and ``α``, ``v·q`` ``[N, M, S]``."""
     d = sources[0].shape[-1]
     cd = queries.dtype
-    kernels = _native(sources[0])
-    if kernels is not None:
+    if native:
+        kernels = cpu_kernels()
         flat = [v.reshape(-1, d).contiguous() for v in sources]  # N × [M, d]; views when contiguous
         outs, lse, alpha, dots = kernels.forward(flat, [r.reshape(-1) for r in rstd], queries.contiguous())
         # outs [S, M, d]; lse [M, S]
@@ -107,10 +108,10 @@ class _DepthAttend(torch.autograd.Function):
     """``S`` folded queries against ``N`` listed sources; see the module docstring for the math."""
 
     @staticmethod
-    def forward(ctx, queries: Tensor, n_src: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx, queries: Tensor, native: bool, n_src: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         sources, rstd = tensors[:n_src], tensors[n_src:]
-        outs, lse, alpha, dots = _attend(queries, sources, rstd)
-        ctx.n_src = n_src
+        outs, lse, alpha, dots = _attend(queries, sources, rstd, native)
+        ctx.n_src, ctx.native = n_src, native
         ctx.save_for_backward(queries, alpha, dots, *sources, *rstd)
         return (*outs, lse)
 
@@ -125,8 +126,8 @@ class _DepthAttend(torch.autograd.Function):
         flat = [v.reshape(-1, d) for v in sources]
         g_out = [None if g is None else g.reshape(-1, d).to(cd) for g in grads[:n_q]]
         g_lse = grads[n_q]
-        kernels = _native(sources[0])
-        if kernels is not None:
+        if ctx.native:  # the backward runs on the kernels its forward used
+            kernels = cpu_kernels()
             none = queries.new_empty(0)  # the kernel reads a missing gradient as zero
             result = kernels.backward(
                 [v.reshape(-1, d).contiguous() for v in sources],
@@ -139,7 +140,7 @@ class _DepthAttend(torch.autograd.Function):
             )  # N × d source [M, d], d queries [S, d], N × d rstd [M]
             d_sources = [dv.view(v.shape) for dv, v in zip(result[:n_src], sources, strict=True)]
             d_rstd = [dr.view(r.shape) for dr, r in zip(result[n_src + 1 :], rstd, strict=True)]
-            return (result[n_src], None, *d_sources, *d_rstd)
+            return (result[n_src], None, None, *d_sources, *d_rstd)
         # dalpha[j, :, s] = g_s · v_j                                          [N, M, S]
         dalpha = torch.zeros_like(alpha)
         for s, g in enumerate(g_out):
@@ -158,7 +159,7 @@ class _DepthAttend(torch.autograd.Function):
             vc = v if v.dtype == cd else v.to(cd)
             if d_queries is not None:
                 d_queries.addmm_(coef[j].T, vc)  # [S, M] @ [M, d]
-            if ctx.needs_input_grad[2 + j]:
+            if ctx.needs_input_grad[3 + j]:  # inputs: queries, native, n_src, *sources, *rstd
                 dv = coef[j] @ queries  # [M, S] @ [S, d]
                 for s, g in enumerate(g_out):
                     if g is not None:
@@ -167,18 +168,7 @@ class _DepthAttend(torch.autograd.Function):
             else:
                 d_sources.append(None)
             d_rstd.append((dz[j] * dots[j]).sum(-1).view(rstd[j].shape))
-        return (d_queries, None, *d_sources, *d_rstd)
-
-
-def _native(source: Tensor) -> ModuleType | None:
-    """The native kernels when they apply to ``source``, else ``None``.
-
-    Under ``torch.compile`` the PyTorch-ops path runs instead: the compiler traces and fuses it,
-    while it cannot trace into the compiled extension.
-    """
-    if source.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    return cpu_kernels()
+        return (d_queries, None, None, *d_sources, *d_rstd)
 
 
 def depth_attend(
@@ -194,6 +184,8 @@ def depth_attend(
     Returns:
         ``(outs, lse)``: ``S`` normalised outputs ``o_s = Σ_j α_sj v_j`` ``[..., d]`` and the
         log-sum-exp of the logits ``[..., S]``, all in the statistics dtype.
+
+    Runs on the Triton kernels where :func:`attnres.ops.dispatch.kernels_for` says so (CUDA).
     """
     if len(sources) == 0:
         raise ValueError("a depth read needs at least one source")
@@ -209,10 +201,13 @@ def depth_attend(
                 f"vs {tuple(shape)} {sources[0].dtype}"
             )
     queries = queries.to(stats_dtype(sources[0].dtype))
+    kernels = kernels_for(sources[0])
+    if kernels == "triton":
+        return triton_ops.depth_attend(sources, rstd, queries)
     if not torch.is_grad_enabled():  # nothing to save for a backward pass
-        outs, lse, _, _ = _attend(queries, sources, rstd)
+        outs, lse, _, _ = _attend(queries, sources, rstd, kernels == "native")
         return tuple(outs), lse
-    *outs, lse = _DepthAttend.apply(queries, len(sources), *sources, *rstd)
+    *outs, lse = _DepthAttend.apply(queries, kernels == "native", len(sources), *sources, *rstd)
     return tuple(outs), lse
 
 

@@ -5,30 +5,27 @@ read instead of the ~15 passes of the PyTorch-ops path (see the C++ file's heade
 C++ compiler and ``ninja`` (a dependency of this package); it takes about half a minute, once per
 machine and kernel version: the library is cached under ``$ATTNRES_CACHE/native`` (default
 ``~/.cache/attnres/native``), and rebuilt only when the source or the build flags change. Without a
-compiler, or with ``ATTNRES_NATIVE=0`` in the environment, the read falls back to PyTorch ops, with
-one warning saying why.
+compiler the read falls back to PyTorch ops, with one warning saying why; ``ATTNRES_KERNELS=torch``
+(or :func:`attnres.ops.dispatch.use_kernels`) chooses the PyTorch ops on purpose.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 _SOURCE = Path(__file__).parent / "csrc" / "depth_attend.cpp"
 _module: ModuleType | None = None
 _failed = False
-_enabled = os.environ.get("ATTNRES_NATIVE", "1") != "0"
 
 
 def cpu_kernels() -> ModuleType | None:
-    """The compiled kernel module, or ``None`` when native kernels are off or cannot be built."""
+    """The compiled kernel module (built on the first call), or ``None`` when it cannot be built."""
     global _module, _failed
-    if not _enabled or _failed:
+    if _failed:
         return None
     if _module is None:
         try:
@@ -38,7 +35,7 @@ def cpu_kernels() -> ModuleType | None:
             warnings.warn(
                 f"attnres: could not build the native CPU depth-read kernel ({type(err).__name__}: "
                 f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}); depth reads use "
-                "PyTorch ops instead (correct, slower). Set ATTNRES_NATIVE=0 to silence this.",
+                "PyTorch ops instead (correct, slower). Set ATTNRES_KERNELS=torch to silence this.",
                 stacklevel=2,
             )
             return None
@@ -69,14 +66,3 @@ def _build() -> ModuleType:
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
     )
-
-
-@contextlib.contextmanager
-def native_kernels(enabled: bool) -> Iterator[None]:
-    """Turn the native CPU kernels on or off inside the block (tests and benchmarks compare both)."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from attnres.ops import triton as triton_ops
+from attnres.ops.dispatch import kernels_for
 from attnres.ops.fused import depth_attend, fold_query
 from attnres.ops.reference import stats_dtype
 
@@ -99,7 +101,8 @@ def phase2_merge(
 
     Returns:
         The read's output ``[..., d]`` in the partial's dtype, equal to a softmax read over the
-        phase-1 sources plus ``partial``.
+        phase-1 sources plus ``partial``. Runs on the Triton kernels where
+        :func:`attnres.ops.dispatch.kernels_for` says so (CUDA).
     """
     cd = stats_dtype(partial.dtype)
     if o.shape != partial.shape or lse.shape != partial.shape[:-1]:
@@ -107,4 +110,5 @@ def phase2_merge(
             f"phase-2 shapes disagree: o {tuple(o.shape)}, lse {tuple(lse.shape)}, "
             f"partial {tuple(partial.shape)}; o must match partial and lse drop its last dim"
         )
-    return _Merge.apply(o.to(cd), lse.to(cd), partial, partial_rstd, fold_query(query, gain, partial.dtype))
+    args = (o.to(cd), lse.to(cd), partial, partial_rstd, fold_query(query, gain, partial.dtype))
+    return triton_ops.merge(*args) if kernels_for(partial) == "triton" else _Merge.apply(*args)
