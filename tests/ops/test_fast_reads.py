@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnres.model import ModelConfig, Transformer, lm_loss
-from attnres.ops.dispatch import check_impl, select_impl, use_impl
+from attnres.ops.dispatch import check_impl, select_impl, use_impl, use_kernels
 from attnres.ops.fused import fused_depth_read, source_rstd
 from attnres.ops.reference import depth_read
 from attnres.ops.two_phase import phase1, phase2_merge
@@ -60,7 +60,18 @@ def make_query_gain(d: int, s: int | None = None, seed: int = 1) -> tuple[torch.
 
 @pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(("n", "t", "d"), [(1, 7, 32), (2, 1, 100), (5, 7, 100), (33, 7, 32), (9, 1, 1168)])
+@pytest.mark.parametrize(
+    ("n", "t", "d"),
+    [
+        (1, 7, 32),
+        (2, 1, 100),
+        (5, 7, 100),
+        (33, 7, 32),
+        (9, 1, 1168),
+        (4, 14, 32),
+        (3, 61, 100),
+    ],
+)  # fmt: skip  (2×14 and 2×61 tokens: the native backward splits them into chunks across threads)
 def test_fused_read_matches_reference(dtype: torch.dtype, n: int, t: int, d: int) -> None:
     sources = make_sources(n, t, d, dtype)
     q, gain = make_query_gain(d)
@@ -278,3 +289,21 @@ def test_native_build_failure_falls_back_with_one_warning(monkeypatch: pytest.Mo
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fused_depth_read(sources, q, gain)  # no second warning
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_kernels_any_thread_count(threads: int) -> None:
+    """The native backward sums per-chunk query gradients; every chunk split gives the reference."""
+    sources = make_sources(4, 14, 64, torch.float32)  # 28 tokens: chunks of 16 against splits of 14
+    q, gain = make_query_gain(64)
+    grad_out = torch.randn(2, 14, 64)
+    ref = torch.autograd.grad(depth_read(sources, q, gain), [*sources, q, gain], grad_out)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with use_kernels("native"):
+            got = torch.autograd.grad(fused_depth_read(sources, q, gain), [*sources, q, gain], grad_out)
+    finally:
+        torch.set_num_threads(before)
+    for i, (g, rg) in enumerate(zip(got, ref, strict=True)):
+        assert_close(f"grad {i} with {threads} threads", g, rg, TOL[torch.float32])

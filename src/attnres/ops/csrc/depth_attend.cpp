@@ -14,11 +14,10 @@
 //   dr_j = sum_s dz_sj (v_j . q_s)
 // Statistics and accumulation run in the op-math type (float for float/bf16/half, double for double).
 
-#include <torch/extension.h>
-
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
@@ -53,9 +52,9 @@ void check_sources(const std::vector<at::Tensor>& sources, const std::vector<at:
                     sources[j].size(0) == m && sources[j].size(1) == d &&
                     sources[j].scalar_type() == sources[0].scalar_type(),
                 "depth_attend: sources must be contiguous CPU [M, d] tensors of one dtype");
-    TORCH_CHECK(rstd[j].is_contiguous() && rstd[j].numel() == m &&
-                    rstd[j].scalar_type() == queries.scalar_type(),
-                "depth_attend: rstd must be contiguous [M] in the statistics dtype");
+    TORCH_CHECK(
+        rstd[j].is_contiguous() && rstd[j].numel() == m && rstd[j].scalar_type() == queries.scalar_type(),
+        "depth_attend: rstd must be contiguous [M] in the statistics dtype");
   }
   TORCH_CHECK(queries.is_contiguous() && queries.dim() == 2 && queries.size(1) == d,
               "depth_attend: queries must be contiguous [S, d]");
@@ -126,16 +125,18 @@ std::vector<at::Tensor> forward(const std::vector<at::Tensor>& sources, const st
   auto lse = new_output({m, s}, opts);
   auto alpha = new_output({n, m, s}, opts);
   auto dots = new_output({n, m, s}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "depth_attend_fwd",
-                                  [&] { forward_kernel<scalar_t>(sources, rstd, queries, outs, lse, alpha, dots); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, sources[0].scalar_type(), "depth_attend_fwd",
+      [&] { forward_kernel<scalar_t>(sources, rstd, queries, outs, lse, alpha, dots); });
   return {outs, lse, alpha, dots};
 }
 
 template <typename scalar_t>
 void backward_kernel(const std::vector<at::Tensor>& sources, const std::vector<at::Tensor>& rstd,
                      const at::Tensor& queries, const at::Tensor& alpha, const at::Tensor& dots,
-                     const std::vector<at::Tensor>& grads, const at::Tensor& glse, std::vector<at::Tensor>& dsrc,
-                     std::vector<at::Tensor>& drstd, at::Tensor& dq_parts, int64_t grain) {
+                     const std::vector<at::Tensor>& grads, const at::Tensor& glse,
+                     std::vector<at::Tensor>& dsrc, std::vector<at::Tensor>& drstd, at::Tensor& dq_parts,
+                     int64_t grain) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = sources.size(), m = sources[0].size(0), d = sources[0].size(1), s = queries.size(0);
   std::vector<const scalar_t*> src(n);
@@ -156,53 +157,59 @@ void backward_kernel(const std::vector<at::Tensor>& sources, const std::vector<a
   const acc_t* alpha_p = alpha.data_ptr<acc_t>();
   const acc_t* dots_p = dots.data_ptr<acc_t>();
   acc_t* dq_all = dq_parts.data_ptr<acc_t>();
-  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
-    acc_t* dq = dq_all + (begin / grain) * s * d;
+  // Parallel over chunks of `grain` tokens, not over tokens: at::parallel_for splits a range into
+  // pieces of its own choosing, and each chunk must own exactly one slice of dq_parts.
+  const int64_t chunks = dq_parts.size(0);
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<acc_t> dz(n * s), row(d), zeros(d, acc_t(0));  // zeros: a missing output gradient
-    for (int64_t t = begin; t < end; ++t) {
-      // dz_sj = a_sj (g_s . v_j - sum_j' a_sj' g_s . v_j' + dlse_s)
-      for (int64_t i = 0; i < s; ++i) {
-        acc_t mean = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t gv = g[i] ? dot<acc_t>(src[j] + t * d, g[i] + t * d, d) : acc_t(0);
-          dz[j * s + i] = gv;
-          mean += alpha_p[(j * m + t) * s + i] * gv;
-        }
-        const acc_t shift = (glse_p ? glse_p[t * s + i] : acc_t(0)) - mean;
-        for (int64_t j = 0; j < n; ++j) dz[j * s + i] = alpha_p[(j * m + t) * s + i] * (dz[j * s + i] + shift);
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const scalar_t* v = src[j] + t * d;
-        const acc_t r = rs[j][t];
-        scalar_t* dv = dsrc_p[j] + t * d;
-        acc_t dr = 0;
-        for (int64_t i = 0; i < s; ++i) dr += dz[j * s + i] * dots_p[(j * m + t) * s + i];
-        drs[j][t] = dr;
-        if (s == 1) {  // the fused read: one pass over the row writes dv and accumulates dq
-          const acc_t a = alpha_p[j * m + t], c = dz[j] * r;
-          const acc_t* gi = g[0] ? g[0] + t * d : zeros.data();
-#pragma omp simd
-          for (int64_t k = 0; k < d; ++k) {
-            const acc_t vk = static_cast<acc_t>(v[k]);
-            dv[k] = static_cast<scalar_t>(a * gi[k] + c * q[k]);
-            dq[k] += c * vk;
-          }
-          continue;
-        }
-        std::fill(row.begin(), row.end(), acc_t(0));
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc_t* dq = dq_all + chunk * s * d;
+      for (int64_t t = chunk * grain; t < std::min(m, (chunk + 1) * grain); ++t) {
+        // dz_sj = a_sj (g_s . v_j - sum_j' a_sj' g_s . v_j' + dlse_s)
         for (int64_t i = 0; i < s; ++i) {
-          const acc_t a = alpha_p[(j * m + t) * s + i], c = dz[j * s + i] * r;
-          const acc_t* qi = q + i * d;
-          const acc_t* gi = g[i] ? g[i] + t * d : zeros.data();
-          acc_t* dqi = dq + i * d;
-#pragma omp simd
-          for (int64_t k = 0; k < d; ++k) {
-            row[k] += a * gi[k] + c * qi[k];
-            dqi[k] += c * static_cast<acc_t>(v[k]);
+          acc_t mean = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t gv = g[i] ? dot<acc_t>(src[j] + t * d, g[i] + t * d, d) : acc_t(0);
+            dz[j * s + i] = gv;
+            mean += alpha_p[(j * m + t) * s + i] * gv;
           }
+          const acc_t shift = (glse_p ? glse_p[t * s + i] : acc_t(0)) - mean;
+          for (int64_t j = 0; j < n; ++j)
+            dz[j * s + i] = alpha_p[(j * m + t) * s + i] * (dz[j * s + i] + shift);
         }
+        for (int64_t j = 0; j < n; ++j) {
+          const scalar_t* v = src[j] + t * d;
+          const acc_t r = rs[j][t];
+          scalar_t* dv = dsrc_p[j] + t * d;
+          acc_t dr = 0;
+          for (int64_t i = 0; i < s; ++i) dr += dz[j * s + i] * dots_p[(j * m + t) * s + i];
+          drs[j][t] = dr;
+          if (s == 1) {  // the fused read: one pass over the row writes dv and accumulates dq
+            const acc_t a = alpha_p[j * m + t], c = dz[j] * r;
+            const acc_t* gi = g[0] ? g[0] + t * d : zeros.data();
 #pragma omp simd
-        for (int64_t k = 0; k < d; ++k) dv[k] = static_cast<scalar_t>(row[k]);
+            for (int64_t k = 0; k < d; ++k) {
+              const acc_t vk = static_cast<acc_t>(v[k]);
+              dv[k] = static_cast<scalar_t>(a * gi[k] + c * q[k]);
+              dq[k] += c * vk;
+            }
+            continue;
+          }
+          std::fill(row.begin(), row.end(), acc_t(0));
+          for (int64_t i = 0; i < s; ++i) {
+            const acc_t a = alpha_p[(j * m + t) * s + i], c = dz[j * s + i] * r;
+            const acc_t* qi = q + i * d;
+            const acc_t* gi = g[i] ? g[i] + t * d : zeros.data();
+            acc_t* dqi = dq + i * d;
+#pragma omp simd
+            for (int64_t k = 0; k < d; ++k) {
+              row[k] += a * gi[k] + c * qi[k];
+              dqi[k] += c * static_cast<acc_t>(v[k]);
+            }
+          }
+#pragma omp simd
+          for (int64_t k = 0; k < d; ++k) dv[k] = static_cast<scalar_t>(row[k]);
+        }
       }
     }
   });
@@ -224,9 +231,11 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& sources, const s
   // Per-chunk partial query gradients, summed at the end (no shared writes across threads).
   const int64_t grain = std::max<int64_t>(16, (m + at::get_num_threads() - 1) / at::get_num_threads());
   auto dq_parts = at::zeros({(m + grain - 1) / grain, s, d}, queries.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "depth_attend_bwd", [&] {
-    backward_kernel<scalar_t>(sources, rstd, queries, alpha, dots, grads, glse, dsrc, drstd, dq_parts, grain);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "depth_attend_bwd",
+                                  [&] {
+                                    backward_kernel<scalar_t>(sources, rstd, queries, alpha, dots, grads,
+                                                              glse, dsrc, drstd, dq_parts, grain);
+                                  });
   std::vector<at::Tensor> result(dsrc);
   result.push_back(dq_parts.sum(0));
   result.insert(result.end(), drstd.begin(), drstd.end());
@@ -238,5 +247,6 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& sources, const s
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused depth read forward (CPU)");
   m.def("backward", &backward, "fused depth read backward (CPU)");
-  m.def("set_poison_outputs", [](bool on) { poison_outputs = on; }, "tests: fill every output with NaN first");
+  m.def(
+      "set_poison_outputs", [](bool on) { poison_outputs = on; }, "tests: fill every output with NaN first");
 }
