@@ -12,7 +12,7 @@ from attnres.cli import main as cli
 
 def test_tiny_benchmark_reports_every_figure_and_ratio() -> None:
     cfg = InferBenchConfig(
-        variants=("prenorm", "block"),
+        variants=("prenorm", "block", "block[reference]"),
         d_model=32,
         n_layers=2,
         n_heads=2,
@@ -32,6 +32,7 @@ def test_tiny_benchmark_reports_every_figure_and_ratio() -> None:
         block["prefill_T16_tok_per_s"] / results["variants"]["prenorm"]["prefill_T16_tok_per_s"]
     )
     assert "decode ms/token, B=2" in table(results)
+    assert results["variants"]["block[reference]"]["decode_B2_steps"] == 6
 
 
 def test_cli_json_is_the_last_line(capsys: pytest.CaptureFixture) -> None:

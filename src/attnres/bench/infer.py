@@ -36,7 +36,9 @@ class InferBenchConfig:
     """What to measure.
 
     Attributes:
-        variants: residual variants; the first is the baseline of every ratio.
+        variants: residual variants; the first is the baseline of every ratio. ``NAME[IMPL]``
+            pins the depth-read implementation (``block[reference]`` is the naive read next to
+            ``block``, which reads with ``auto``).
         d_model, n_layers, n_heads, vocab_size: model shape (``2 * n_layers`` sublayers).
         prefill_lens: prompt lengths ``T`` for prefill throughput (batch 1).
         decode_batches: batch sizes for decode latency.
@@ -69,8 +71,10 @@ class InferBenchConfig:
 
 
 def build(cfg: InferBenchConfig, variant: str) -> Transformer:
-    """The benchmark model for ``variant``, in eval mode. Queries are random, not zero: a trained
-    model's reads are not uniform, and zero queries could flatter a fast path."""
+    """The benchmark model for ``variant`` (``NAME`` or ``NAME[IMPL]``), in eval mode. Queries are
+    random, not zero: a trained model's reads are not uniform, and zero queries could flatter a
+    fast path."""
+    name, _, impl = variant.partition("[")
     torch.manual_seed(cfg.seed)
     model_cfg = ModelConfig(
         vocab_size=cfg.vocab_size,
@@ -78,7 +82,7 @@ def build(cfg: InferBenchConfig, variant: str) -> Transformer:
         n_layers=cfg.n_layers,
         n_heads=cfg.n_heads,
         seq_len=cfg.seq_len,
-        residual={"variant": variant},
+        residual={"variant": name, "impl": impl.removesuffix("]") or "auto"},
     )
     model = Transformer(model_cfg).eval()
     with torch.no_grad():
@@ -268,7 +272,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``attnres bench infer``."""
     d = InferBenchConfig()
     parser.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
-    parser.add_argument("--variants", nargs="+", default=list(d.variants), help="first one is the baseline")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(d.variants),
+        help="first one is the baseline; NAME[IMPL] pins the read, e.g. block[reference]",
+    )
     parser.add_argument("--d-model", type=int, default=d.d_model)
     parser.add_argument(
         "--n-layers", type=int, default=d.n_layers, help="Transformer layers, 2 sublayers each"
