@@ -1,8 +1,9 @@
-"""The residual scheme's share of one decode step: its 17 reads and updates at d=512, 16 sublayers.
+"""The residual scheme's share of one decode step: its 17 reads and 16 updates at d=512, 16 sublayers.
 
-Runs the scheme's own loop (``init_state``, ``layer_input``, ``update``, ``final``) on one token per
-row with fixed stand-in sublayer outputs, so only the depth bookkeeping and reads are timed.
-Usage: ``flock /tmp/attnres-bench.lock python benchmarks/infer_depth_read_cost.py``.
+Runs the scheme's own loop (``init_state``, ``layer_input``, ``update``, ``final``) without gradients
+on one token per row with fixed stand-in sublayer outputs, so only the depth bookkeeping and reads
+are timed, per depth-read implementation, and counts the aten operators one step dispatches.
+Usage: ``python benchmarks/infer_depth_read_cost.py`` (one thread).
 """
 
 import statistics
@@ -10,35 +11,53 @@ import time
 
 import torch
 
+from attnres.ops.dispatch import use_impl
 from attnres.residuals import ResidualConfig, build_residual
 
-D, SUBLAYERS, REPEATS = 512, 16, 200
+D, SUBLAYERS, REPEATS = 512, 16, 300
 
 
-def scheme_ms(variant: str, batch: int) -> float:
-    """Median ms of one decode step's residual work for ``variant``."""
+def scheme_step(variant: str, batch: int):
+    """One decode step's residual work for ``variant``, as a closure."""
     torch.manual_seed(0)
     scheme = build_residual(ResidualConfig(variant=variant), D, SUBLAYERS)
     with torch.no_grad():
         for p in scheme.parameters():
             p.add_(0.1 * torch.randn_like(p))
-        embedding = torch.randn(batch, 1, D)
-        outs = [torch.randn(batch, 1, D) for _ in range(SUBLAYERS)]
+    embedding = torch.randn(batch, 1, D)
+    outs = [torch.randn(batch, 1, D) for _ in range(SUBLAYERS)]
+
+    def step() -> None:
+        state = scheme.init_state(embedding)
+        for layer, out in enumerate(outs):
+            scheme.layer_input(state, layer)
+            state = scheme.update(state, layer, out)
+        scheme.final(state)
+
+    return step
+
+
+def measure(variant: str, impl: str, batch: int) -> tuple[float, int]:
+    """Median ms of one step and the number of aten operators it dispatches."""
+    step = scheme_step(variant, batch)
+    with torch.no_grad(), use_impl(impl):
+        for _ in range(20):
+            step()
         times = []
         for _ in range(REPEATS):
             start = time.perf_counter()
-            state = scheme.init_state(embedding)
-            for layer, out in enumerate(outs):
-                scheme.layer_input(state, layer)
-                state = scheme.update(state, layer, out)
-            scheme.final(state)
+            step()
             times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        with torch.profiler.profile() as prof:
+            step()
+    ops = sum(e.count for e in prof.key_averages())
+    return 1e3 * statistics.median(times), ops
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     for batch in (1, 8):
         for variant in ("prenorm", "block", "full"):
-            ms = scheme_ms(variant, batch)
-            print(f"B={batch} {variant}: residual reads + updates per decode step, median {ms:.3f} ms")
+            for impl in ("reference", "two_phase") if variant != "prenorm" else ("reference",):
+                ms, ops = measure(variant, impl, batch)
+                print(f"B={batch} {variant:<8} {impl:<10} {ms:6.3f} ms per decode step, {ops:4d} aten ops")

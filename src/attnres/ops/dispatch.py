@@ -76,15 +76,14 @@ def select_impl(configured: str, supported: bool = True) -> str:
 
     ``auto`` picks by whether gradients are on, on every device and dtype:
 
-    * training (grad enabled): ``fused``. On the project's quiet 2-core CPU, at the reference size
-      (d=512, 16 sublayers, seq 512, batch 4, fp32), a train step measured Block 1.10x prenorm
-      fused vs 1.18x two-phase, Full 1.19x vs 1.22x (``benchmarks/results/train_reference_quiet.md``):
-      in PyTorch ops, two-phase's extra merge passes cost more than the shared pass over completed
-      blocks saves.
+    * training (grad enabled): ``fused``. On the project's quiet 2-core CPU at the reference size
+      (d=512, 16 sublayers, seq 512, batch 4, fp32; ``benchmarks/results/train_reference.md``), a
+      train step measured Block 1.030x prenorm fused vs 1.034x two-phase, Full 1.090x vs 1.063x:
+      equal within noise, and the fused read has no group state to carry.
     * inference (grad disabled): ``two_phase``, which then runs on a stack of the completed blocks
-      (:mod:`attnres.ops.stacked`). One-thread prefill of 512 / 2048 tokens at d=512 measured
-      Block 1.03x / 1.01x prenorm against fused 1.07x / 1.01x and reference 1.27x / 1.54x; Full
-      1.06x / 1.09x against 1.13x / 1.10x and 1.54x / 2.11x (``benchmarks/results/infer_cpu.md``).
+      (:mod:`attnres.ops.stacked`). Prefill throughput at T=512 / 2048 measured Block 1.10x /
+      0.85x prenorm against 0.81x / 0.59x for the reference read, and one-token decoding about the
+      same as the reference read (``benchmarks/results/infer_cpu.md``).
 
     On CUDA the same choice holds; the ops then run on the Triton kernels (:func:`kernels_for`),
     which have not been timed yet (no GPU so far).
