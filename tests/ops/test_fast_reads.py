@@ -163,6 +163,7 @@ def run_toy(impl: str, model: ToyStack, x: torch.Tensor) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize(("variant", "n_sublayers", "block_size"), [
     ("full", 7, None), ("block", 7, 1), ("block", 7, 2), ("block", 7, 3), ("block", 5, 8), ("block", 9, 3),
+    ("swa", 12, None),
 ])  # fmt: skip
 def test_scheme_impls_agree(dtype: torch.dtype, variant: str, n_sublayers: int, block_size: int) -> None:
     """Two-phase and fused equal per-read reference reads through a whole schedule (L % S != 0)."""

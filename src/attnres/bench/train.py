@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -32,9 +34,11 @@ ATTNRES = ("block", "full")
 def run(args: argparse.Namespace) -> dict:
     """Measure every (variant, impl) arm; returns the JSON-ready result.
 
-    With ``--pairwise`` each variant is measured in its own run beside a fresh prenorm, one pair at
-    a time, so only two models are alive at once (all eleven variants at the reference size do not
-    fit in memory together); ratios are always to the prenorm of the same run.
+    With ``--pairwise`` each variant is measured beside a fresh prenorm in a fresh process, one pair
+    at a time, so only two models are alive at once and every pair starts from an empty heap (all
+    eleven variants at the reference size do not fit in 24 GiB together, and one process running
+    the pairs in turn ran out of memory at the tenth); ratios are always to the prenorm of the same
+    pair.
     """
     variants = variant_names() if args.variants == "all" else args.variants.split(",")
     variants = [v for v in variants if v != "prenorm"]
@@ -43,12 +47,31 @@ def run(args: argparse.Namespace) -> dict:
         rows = _measure(["prenorm", *variants], size, args.impls.split(","), args.repeats)
     else:
         rows = []
+        spawn = multiprocessing.get_context("spawn")
         for i, variant in enumerate(variants):
             print(f"[{i + 1}/{len(variants)}] {variant} beside prenorm", file=sys.stderr, flush=True)
-            pair = _measure(["prenorm", variant], size, args.impls.split(","), args.repeats)
+            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                job = (
+                    ["prenorm", variant],
+                    size,
+                    args.impls.split(","),
+                    args.repeats,
+                    torch.get_num_threads(),
+                )
+                pair = pool.submit(_measure_in_child, *job).result()
+            for r in pair[1:]:
+                print(f"    {r['arm']}: step {r['ratio_vs_prenorm']:.3f}x, memory {r['memory_ratio']:.3f}x",
+                      file=sys.stderr, flush=True)  # fmt: skip
             rows += pair if i == 0 else pair[1:]
     return {"bench": "train", "size": args.size, "shape": size, "repeats": args.repeats,
             "pairwise": args.pairwise, "rows": rows, "machine": machine()}  # fmt: skip
+
+
+def _measure_in_child(
+    variants: list[str], size: dict, impls: list[str], repeats: int, threads: int
+) -> list[dict]:
+    torch.set_num_threads(threads)
+    return _measure(variants, size, impls, repeats)
 
 
 def _measure(variants: list[str], size: dict, impls: list[str], repeats: int) -> list[dict]:

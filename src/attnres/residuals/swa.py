@@ -6,28 +6,37 @@ sublayer outputs). There is no running sum: older outputs are visible only throu
 The final read sees the embedding and the last ``W`` outputs too, with its own query
 (**inferred**: the paper specifies the final read only for Block AttnRes). Queries, key norms
 and every ablation option are those of :class:`~attnres.residuals.attnres.FullAttnRes`.
+
+Reads run on the fused path when the configuration allows (as for Full AttnRes), with each
+source's RMS statistic kept beside it in the window; a window has no groups of reads that share
+their sources, so ``two_phase`` reads fused too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from torch import Tensor
 
+from attnres.ops.dispatch import select_impl
+from attnres.ops.fused import source_rstd
 from attnres.residuals.attnres import FullAttnRes
 from attnres.residuals.registry import register
 
 
 @dataclass(frozen=True)
 class WindowState:
-    """The embedding, and the last ``W`` sublayer outputs (oldest first)."""
+    """The embedding, and the last ``W`` sublayer outputs (oldest first).
+
+    Attributes:
+        impl: ``reference`` or ``fused``.
+        rstd: ``fused`` only: ``source_rstd`` of each of :attr:`sources`.
+    """
 
     embedding: Tensor
     recent: tuple[Tensor, ...]
-    #: SWA reads through the reference read: the fused and two-phase paths keep per-source
-    #: statistics and group state for the block schedule, which a sliding window does not follow.
-    impl: ClassVar[str] = "reference"
+    impl: str = "reference"
+    rstd: tuple[Tensor, ...] = ()
 
     @property
     def sources(self) -> list[Tensor]:
@@ -43,10 +52,16 @@ class SlidingWindowAttnRes(FullAttnRes):
         return min(self.cfg.window, self.n_sublayers) + 1
 
     def init_state(self, embedding: Tensor) -> WindowState:
-        return WindowState(embedding=embedding, recent=())
+        if select_impl(self.cfg.impl, self.fast_reads_supported()) == "reference":
+            return WindowState(embedding=embedding, recent=())
+        return WindowState(embedding, (), "fused", (source_rstd(embedding, self.cfg.eps),))
 
     def update(self, state: WindowState, layer: int, out: Tensor) -> WindowState:
-        return WindowState(embedding=state.embedding, recent=(*state.recent, out)[-self.cfg.window :])
+        recent = (*state.recent, out)[-self.cfg.window :]
+        if state.impl == "reference":
+            return WindowState(embedding=state.embedding, recent=recent)
+        window_rstd = (*state.rstd[1:], source_rstd(out, self.cfg.eps))[-self.cfg.window :]
+        return WindowState(state.embedding, recent, "fused", (state.rstd[0], *window_rstd))
 
     def extra_repr(self) -> str:
         return f"window={self.cfg.window}, read_sites={self.n_sublayers + 1}, d={self.d_model}"
