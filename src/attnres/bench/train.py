@@ -89,7 +89,7 @@ def _measure(variants: list[str], size: dict, impls: list[str], repeats: int) ->
             torch.manual_seed(0)
             model = Transformer(ModelConfig(vocab_size=256, residual=ResidualConfig(variant), **model_kw))
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            mode = "reference" if impl in ("-", "reference") else impl
+            mode = "auto" if impl == "-" else impl  # other variants read as they do by default
 
             def step(model=model, opt=opt, mode=mode) -> None:
                 with use_impl(mode):
