@@ -128,32 +128,30 @@ def test_model_logits_agree_in_inference(variant: str) -> None:
             assert_close(f"{impl} logits", model(tokens), ref, 1e-12)
 
 
-@pytest.mark.parametrize("impl", ["fused", "two_phase"])
-@torch.no_grad()
-def test_inference_path_compiles_fullgraph(impl: str) -> None:
-    """Without gradients the residual path (stacked two-phase, or fused) traces into one graph."""
+def compile_toy(impl: str, grad: bool, backend: str) -> tuple[torch.Tensor, ToyStack]:
+    """A toy residual stack compiled with ``fullgraph=True``; its output checked against the reference."""
     torch._dynamo.reset()
     model = ToyStack("block", 32, 5, 2, torch.float32)
     x = torch.randn(2, 7, 32)
-    with use_impl("reference"):
+    with torch.no_grad(), use_impl("reference"):
         ref = model(x)
-    with use_impl(impl):
-        out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    with torch.set_grad_enabled(grad), use_impl(impl):
+        out = torch.compile(model, fullgraph=True, backend=backend)(x)
     assert_close("compiled output", out, ref, TOL[torch.float32])
+    return out, model
+
+
+@pytest.mark.parametrize("impl", ["fused", "two_phase"])
+def test_inference_path_compiles_fullgraph(impl: str) -> None:
+    """Without gradients the residual path (stacked two-phase, or fused) traces into one graph."""
+    compile_toy(impl, grad=False, backend="aot_eager")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
 def test_residual_path_compiles_fullgraph_with_inductor(grad: bool) -> None:
     """The default backend (inductor, C++ codegen on CPU) compiles the two-phase path in one graph."""
-    torch._dynamo.reset()
-    model = ToyStack("block", 32, 5, 2, torch.float32)
-    x = torch.randn(2, 7, 32)
-    with use_impl("reference"):
-        ref = model(x)
-    with torch.set_grad_enabled(grad), use_impl("two_phase"):
-        out = torch.compile(model, fullgraph=True)(x)
-    assert_close("compiled output", out, ref, TOL[torch.float32])
+    out, model = compile_toy("two_phase", grad, backend="inductor")
     if grad:
         out.sum().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
