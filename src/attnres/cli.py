@@ -52,7 +52,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
             diff = _diff(
                 dataclasses.asdict(cfg),
                 dataclasses.asdict(wanted),
-                ignore={"train.steps", "train.progress", "parallel.dp_shard"},
+                # any parallel layout resumes any checkpoint (they are all single-process format)
+                ignore={
+                    "train.steps",
+                    "train.progress",
+                    *(f"parallel.{k}" for k in dataclasses.asdict(cfg.parallel)),
+                },
             )
             if args.preset and diff:
                 raise ConfigError(
