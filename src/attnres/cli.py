@@ -7,6 +7,7 @@ against the config's fields and types.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from attnres.configs import ConfigError, apply_overrides
@@ -52,7 +53,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
             diff = _diff(
                 dataclasses.asdict(cfg),
                 dataclasses.asdict(wanted),
-                # any parallel layout resumes any checkpoint (they are all single-process format)
+                # checkpoints resume under another parallel layout (attnres.train.engine)
                 ignore={
                     "train.steps",
                     "train.progress",
@@ -71,10 +72,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     else:
         cfg = _config(args.preset or "quick", extra)
     result = train(cfg, args.out, resume=args.resume)
-    print(
-        f"final validation loss {result.final_val_loss:.4f} after {result.steps} steps "
-        f"({result.tokens_per_s:,.0f} tokens/s, {result.seconds:.1f} s); run in {args.out}"
-    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        print(
+            f"final validation loss {result.final_val_loss:.4f} after {result.steps} steps "
+            f"({result.tokens_per_s:,.0f} tokens/s, {result.seconds:.1f} s); run in {args.out}"
+        )
 
 
 def _diff(a: dict, b: dict, ignore: set[str], prefix: str = "") -> list[str]:

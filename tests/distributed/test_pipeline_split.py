@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from attnres.distributed.accounting import (
     eq8_cached,
     expected_blocks,
 )
-from attnres.distributed.pipeline import SiteRows, make_layout, pack, schedule, split_model
+from attnres.distributed.pipeline import SiteRows, forward_schedule, make_layout, pack, schedule, split_model
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.ops.dispatch import use_impl
 from attnres.residuals import ResidualConfig
@@ -41,12 +42,12 @@ def _model(
     return model
 
 
-def _simulate(pp: int, vpp: int, M: int) -> None:
+def _simulate(pp: int, vpp: int, M: int, plan: Callable = schedule, kinds: str = "FB") -> None:
     """Run every rank's op list with blocking receives and non-blocking sends; fail on deadlock."""
     C = pp * vpp
-    ops = {r: schedule(r, pp, vpp, M) for r in range(pp)}
+    ops = {r: plan(r, pp, vpp, M) for r in range(pp)}
     for r, rank_ops in ops.items():
-        mine = {(k, c, m) for k in "FB" for c in range(r, C, pp) for m in range(M)}
+        mine = {(k, c, m) for k in kinds for c in range(r, C, pp) for m in range(M)}
         assert sorted(rank_ops) == sorted(mine), f"rank {r} does not run each of its ops exactly once"
     done: set[tuple[str, int, int]] = set()
     heads = dict.fromkeys(ops, 0)
@@ -70,6 +71,12 @@ def _simulate(pp: int, vpp: int, M: int) -> None:
 @pytest.mark.parametrize("rounds", [1, 2, 3])
 def test_schedule_runs_every_op_once_without_deadlock(pp: int, vpp: int, rounds: int) -> None:
     _simulate(pp, vpp, rounds * pp)
+
+
+@pytest.mark.parametrize("pp,vpp", [(2, 1), (4, 1), (2, 2), (3, 2), (4, 2)])
+@pytest.mark.parametrize("M", [1, 3, 4])
+def test_forward_schedule_runs_every_forward_once_without_deadlock(pp: int, vpp: int, M: int) -> None:
+    _simulate(pp, vpp, M, forward_schedule, kinds="F")
 
 
 def test_interleaved_schedule_is_1f1b_in_steady_state() -> None:

@@ -1,13 +1,17 @@
-"""Single-process tests of the pipeline's training state: assembling weights and optimiser state
-from chunk pieces and slicing them back (no process group needed)."""
+"""Single-process tests of pipeline training: assembling weights and optimiser state from chunk
+pieces and slicing them back, and the configurations refused up front (no process group needed)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
+from attnres.cli import main
+from attnres.configs import apply_overrides
+from attnres.distributed.data_parallel import DistEnv
 from attnres.distributed.pipeline import split_model
 from attnres.distributed.pipeline_train import (
     OptimizerLayout,
@@ -20,7 +24,9 @@ from attnres.distributed.pipeline_train import (
 )
 from attnres.model import ModelConfig, Transformer
 from attnres.residuals import ResidualConfig
-from attnres.train.config import OptimConfig
+from attnres.train import get_preset
+from attnres.train.config import OptimConfig, ParallelConfig
+from attnres.train.engine import PipelineEngine, check_world_size
 from attnres.train.optim import build_optimizer
 
 PP, VPP = 2, 2
@@ -114,3 +120,55 @@ def test_optimizer_state_round_trips_through_chunks(optim: str) -> None:
             for key, value in state.items():
                 torch.testing.assert_close(got["state"][index][key], value, rtol=0, atol=0)
         assert [g["params"] for g in got["param_groups"]] == [g["params"] for g in want["param_groups"]]
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"parallel.pp": "2", "parallel.microbatches": "3"}, "does not split into 3 pipeline micro-batches"),
+        (
+            {"parallel.pp": "2", "parallel.vpp": "2", "parallel.microbatches": "1"},
+            "multiple of parallel.pp=2",
+        ),
+        ({"parallel.vpp": "2"}, "apply to pipeline runs only"),
+        ({"parallel.pp": "2", "parallel.dp_shard": "true"}, "FSDP2"),
+        ({"parallel.pp": "0"}, "must be >= 1"),
+    ],
+    ids=["uneven-microbatches", "interleaved-ragged", "vpp-without-pp", "fsdp2", "zero-stages"],
+)
+def test_bad_pipeline_configs_are_refused(overrides: dict[str, str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        apply_overrides(get_preset("tiny"), overrides)  # tiny: train.batch_size=4
+
+
+def test_pipeline_needs_one_process_per_stage(tmp_path, capsys) -> None:
+    for world_size in (1, 4):  # no torchrun; pipeline x data parallel
+        with pytest.raises(ValueError, match="needs exactly 2 processes"):
+            check_world_size(ParallelConfig(pp=2), DistEnv(world_size=world_size))
+    with pytest.raises(SystemExit) as exit_info:  # the CLI refuses before loading any data
+        main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--parallel.pp=2"])
+    assert exit_info.value.code == 2
+    assert "torchrun --nproc-per-node=2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "model,match",
+    [
+        ({"tie_embeddings": True}, "tie_embeddings=false"),
+        ({"n_layers": 1}, "every chunk needs at least one sublayer"),  # 2 sublayers, 4 chunks
+        ({"residual": ResidualConfig("denseformer")}, "residual states that are a DepthState"),
+        ({"residual": ResidualConfig("hc")}, "cannot be split over a pipeline"),
+    ],
+    ids=["tied", "too-few-sublayers", "denseformer", "hyper-connections"],
+)
+def test_unsplittable_models_are_refused_before_any_communication(model: dict, match: str) -> None:
+    """The engine splits the model before it touches a process group, so these need none."""
+    cfg = get_preset("tiny")
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, **model),
+        parallel=ParallelConfig(pp=2, vpp=2),
+    )
+    with pytest.raises(ValueError, match=match):
+        PipelineEngine(Transformer(cfg.model), cfg, DistEnv(rank=0, world_size=2))

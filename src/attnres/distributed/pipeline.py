@@ -52,7 +52,7 @@ def _flatten(state: Any) -> list[Tensor]:
         return [*state.blocks, state.partial]
     if isinstance(state, Tensor):
         return [state]
-    raise TypeError(
+    raise ValueError(  # a configuration the pipeline refuses, reported like the others
         f"pipeline parallelism supports residual states that are a DepthState (block, full) or one "
         f"tensor (prenorm and friends); got {type(state).__name__}"
     )
@@ -132,7 +132,7 @@ def make_layout(
     """Split ``model``'s sublayers over ``pp * vpp`` chunks (evenly unless ``bounds`` is given).
 
     Block counts come from running the residual scheme's own bookkeeping (``init_state`` and
-    ``update``) on scalar stand-ins, so the layout follows whatever sealing rule the scheme has.
+    ``update``) on a one-token stand-in, so the layout follows whatever sealing rule the scheme has.
     """
     if pp < 1 or vpp < 1:
         raise ValueError(f"--parallel.pp and --parallel.vpp must be >= 1, got pp={pp}, vpp={vpp}")
@@ -148,12 +148,13 @@ def make_layout(
             "set model.tie_embeddings=false to use pipeline parallelism"
         )
     scheme = model.residual
+    token = torch.zeros(1, 1, model.cfg.d_model)  # one token: some schemes' updates read the width
     with use_impl("reference"):  # bookkeeping only: dummy tensors, no depth reads
-        state = scheme.init_state(torch.zeros(1))
+        state = scheme.init_state(token)
         carries_blocks = isinstance(state, DepthState)
         counts = [len(_flatten(state)) - 1]  # completed blocks after each sublayer boundary
         for layer in range(L):
-            state = scheme.update(state, layer, torch.zeros(1))
+            state = scheme.update(state, layer, token)
             counts.append(len(_flatten(state)) - 1)
     blocks_in = tuple(0 if c == 0 else counts[bounds[c]] for c in range(C))
     blocks_out = tuple(counts[bounds[c + 1]] for c in range(C))

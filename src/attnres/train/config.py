@@ -170,7 +170,8 @@ class ParallelConfig:
         microbatches: micro-batches per step in the pipeline (0: ``pp``). Must divide
             ``train.batch_size``; with ``vpp > 1`` it must be a multiple of ``pp``.
         attnres_cache: cross-stage caching of AttnRes blocks in the pipeline: a process keeps the
-            blocks it has seen for a micro-batch, and later transitions send only new ones.
+            blocks it has seen for a micro-batch (received or sealed itself), and later transitions
+            send only new ones (``PipelineRunner`` cache ``"seen"``; off: ``"off"``).
     """
 
     dp_shard: bool = False
