@@ -148,7 +148,8 @@ def make_layout(
             "set model.tie_embeddings=false to use pipeline parallelism"
         )
     scheme = model.residual
-    token = torch.zeros(1, 1, model.cfg.d_model)  # one token: some schemes' updates read the width
+    weight = model.embed.weight  # one token like the model's: some schemes' updates use their weights
+    token = torch.zeros(1, 1, model.cfg.d_model, dtype=weight.dtype, device=weight.device)
     with use_impl("reference"):  # bookkeeping only: dummy tensors, no depth reads
         state = scheme.init_state(token)
         carries_blocks = isinstance(state, DepthState)

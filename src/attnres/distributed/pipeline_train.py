@@ -150,7 +150,8 @@ def full_optimizer_state(
 
     ``like`` holds the full parameters (for shapes). Per-element state (moments, momentum) is
     assembled row by row like the weights; scalar state (Adam's step count) is the same in every
-    piece and taken from the first.
+    piece and taken from the first. The param groups are the layout's, as built (the schedule sets
+    ``lr`` before every step).
     """
     by_param: dict[tuple[int, str], list[tuple[Rows, dict[str, Any]]]] = {}
     for i, name, rows, state in pieces:
