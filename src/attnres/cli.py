@@ -43,6 +43,8 @@ def _config(preset: str, extra: list[str]):
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     import dataclasses
 
+    import torch.distributed as dist
+
     from attnres.train import train
     from attnres.train.checkpoint import load_config
 
@@ -72,6 +74,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     else:
         cfg = _config(args.preset or "quick", extra)
     result = train(cfg, args.out, resume=args.resume)
+    if dist.is_initialized():
+        # torchrun: leave the group before exiting; without it a gloo rank occasionally aborted at
+        # interpreter shutdown ("terminate called without an active exception") after a clean run
+        dist.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         print(
             f"final validation loss {result.final_val_loss:.4f} after {result.steps} steps "

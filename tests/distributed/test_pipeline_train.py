@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ PP, VPP = 2, 2
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
+def _one_thread() -> Iterator[None]:
     """Muon's bf16 Newton-Schulz step took 2.5 s on 2 busy threads and 0.01 s on one (tiny model)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -88,8 +89,9 @@ def test_optimizer_state_round_trips_through_chunks(optim: str) -> None:
     layout = OptimizerLayout.of(full.optimizers, model)
     named = list(model.named_parameters())
     for step in range(2):  # state to hand over
+        grads = _fake_grads(named, step)
         for name, p in named:
-            p.grad = _fake_grads(named, step)[name]
+            p.grad = grads[name]
         full.step()
     saved = copy.deepcopy([o.state_dict() for o in full.optimizers])  # as torch.load gives it back
     _, chunks = split_model(model, PP, VPP)
