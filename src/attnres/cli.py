@@ -75,8 +75,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
         cfg = _config(args.preset or "quick", extra)
     result = train(cfg, args.out, resume=args.resume)
     if dist.is_initialized():
-        # torchrun: leave the group before exiting; without it a gloo rank occasionally aborted at
-        # interpreter shutdown ("terminate called without an active exception") after a clean run
+        # torchrun: leave together (rank 0 may still be writing the checkpoint the others sent),
+        # then close the group. A rank exiting alone occasionally aborted at shutdown with
+        # "terminate called without an active exception" after a clean run.
+        dist.barrier()
         dist.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         print(
