@@ -7,6 +7,7 @@ against the config's fields and types.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from attnres.configs import ConfigError, apply_overrides
@@ -42,6 +43,8 @@ def _config(preset: str, extra: list[str]):
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     import dataclasses
 
+    import torch.distributed as dist
+
     from attnres.train import train
     from attnres.train.checkpoint import load_config
 
@@ -52,7 +55,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
             diff = _diff(
                 dataclasses.asdict(cfg),
                 dataclasses.asdict(wanted),
-                ignore={"train.steps", "train.progress", "parallel.dp_shard"},
+                # checkpoints resume under another parallel layout (attnres.train.engine)
+                ignore={
+                    "train.steps",
+                    "train.progress",
+                    *(f"parallel.{k}" for k in dataclasses.asdict(cfg.parallel)),
+                },
             )
             if args.preset and diff:
                 raise ConfigError(
@@ -66,10 +74,17 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     else:
         cfg = _config(args.preset or "quick", extra)
     result = train(cfg, args.out, resume=args.resume)
-    print(
-        f"final validation loss {result.final_val_loss:.4f} after {result.steps} steps "
-        f"({result.tokens_per_s:,.0f} tokens/s, {result.seconds:.1f} s); run in {args.out}"
-    )
+    if dist.is_initialized():
+        # torchrun: leave together (rank 0 may still be writing the checkpoint the others sent),
+        # then close the group. A rank exiting alone occasionally aborted at shutdown with
+        # "terminate called without an active exception" after a clean run.
+        dist.barrier()
+        dist.destroy_process_group()
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        print(
+            f"final validation loss {result.final_val_loss:.4f} after {result.steps} steps "
+            f"({result.tokens_per_s:,.0f} tokens/s, {result.seconds:.1f} s); run in {args.out}"
+        )
 
 
 def _diff(a: dict, b: dict, ignore: set[str], prefix: str = "") -> list[str]:

@@ -22,7 +22,6 @@ from attnres.distributed.data_parallel import (
 from attnres.distributed.launch import spawn_gloo
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.residuals import ResidualConfig
-from attnres.train.config import ParallelConfig
 
 STEPS, BATCH = 3, 4
 
@@ -90,8 +89,3 @@ def test_shard_batch_refuses_uneven_batches() -> None:
     torch.testing.assert_close(
         shard_batch(torch.arange(4), DistEnv(rank=1, world_size=2)), torch.tensor([2, 3])
     )
-
-
-def test_pipeline_in_train_config_is_refused_clearly() -> None:
-    with pytest.raises(ValueError, match="not wired into `attnres train`"):
-        ParallelConfig(pp=2)

@@ -13,7 +13,7 @@ from attnres.train.optim import build_optimizer, lr_multiplier
 
 def test_residual_params_and_norms_are_not_decayed() -> None:
     model = Transformer(ModelConfig(d_model=32, n_heads=2, residual=ResidualConfig("full")))
-    opt = build_optimizer(model, OptimConfig(name="adamw", weight_decay=0.1))
+    opt = build_optimizer(model.named_parameters(), OptimConfig(name="adamw", weight_decay=0.1))
     no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(model.residual.query) in no_decay and id(model.residual.key_gain) in no_decay
     assert id(model.norm.weight) in no_decay and id(model.sublayers[0].wq.weight) not in no_decay
@@ -21,7 +21,7 @@ def test_residual_params_and_norms_are_not_decayed() -> None:
 
 def test_muon_takes_sublayer_matrices_only() -> None:
     model = Transformer(ModelConfig(d_model=32, n_heads=2, residual=ResidualConfig("block")))
-    opt = build_optimizer(model, OptimConfig(name="muon"))
+    opt = build_optimizer(model.named_parameters(), OptimConfig(name="muon"))
     muon, adam = opt.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adam, torch.optim.AdamW)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}

@@ -16,7 +16,7 @@ from attnres.train import get_preset, train
 from attnres.train.checkpoint import load_model
 from attnres.train.compare import compare, summary_table
 from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
-from attnres.train.loop import evaluate
+from attnres.train.engine import evaluate
 
 
 def tiny(cache_dir: str, **overrides: str):

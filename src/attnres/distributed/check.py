@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from attnres.distributed.launch import spawn_gloo
 from attnres.distributed.pipeline import CommRecord, PipelineRunner, split_model
+from attnres.distributed.pipeline_train import assemble, chunk_pieces
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.residuals import ResidualConfig
 
@@ -79,14 +80,8 @@ def run_case(rank: int, case: PipelineCase) -> dict[str, Any] | None:
     layout, chunks = split_model(model, case.pp, case.vpp, rank=rank, bounds=case.bounds)
     runner = PipelineRunner(chunks, layout, cache=case.cache)
     loss, stats = runner.step(tokens, targets, case.microbatches)
-    grads = [
-        (name, rows, p.grad)
-        for chunk in chunks
-        for local, p in chunk.named_parameters()
-        for name, rows in [chunk.global_names()[local]]
-    ]
     gathered: list[Any] = [None] * case.pp
-    dist.all_gather_object(gathered, (grads, stats.records))
+    dist.all_gather_object(gathered, (chunk_pieces(chunks, "grad"), stats.records))
     if rank != 0:
         return None
 
@@ -103,21 +98,7 @@ def run_case(rank: int, case: PipelineCase) -> dict[str, Any] | None:
     model.zero_grad()
     batch_loss = lm_loss(model(tokens), targets)
     batch_loss.backward()
-    assembled = {name: torch.full_like(p, float("nan")) for name, p in ref.items()}
-    owners: dict[str, int] = dict.fromkeys(ref, 0)
-    for rank_grads, _ in gathered:
-        for name, rows, g in rank_grads:
-            if g is None:
-                raise AssertionError(f"pipeline produced no gradient for {name}")
-            if rows is None:
-                assembled[name] = g
-                owners[name] += 1
-            else:
-                assembled[name][list(rows)] = g
-                owners[name] += len(rows)
-    expected_owners = {n: (p.shape[0] if n.startswith("residual.") else 1) for n, p in ref.items()}
-    if owners != expected_owners:
-        raise AssertionError(f"parameter ownership is not a partition: {owners} vs {expected_owners}")
+    assembled = assemble(ref, [piece for rank_grads, _ in gathered for piece in rank_grads])  # a partition
     grad_err = {name: _rel_err(assembled[name], accumulated[name]) for name in ref}
     batch_grad_err = {name: _rel_err(assembled[name], p.grad) for name, p in ref.items()}
     records: list[CommRecord] = [r for _, rank_records in gathered for r in rank_records]

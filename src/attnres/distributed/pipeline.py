@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from attnres.model import Transformer, lm_loss
-from attnres.ops.dispatch import use_impl
+from attnres.ops.dispatch import select_impl, use_impl
+from attnres.ops.fused import source_rstd
 from attnres.residuals.attnres import DepthState
 
 CACHE_MODES = ("off", "received", "seen")
@@ -50,7 +52,7 @@ def _flatten(state: Any) -> list[Tensor]:
         return [*state.blocks, state.partial]
     if isinstance(state, Tensor):
         return [state]
-    raise TypeError(
+    raise ValueError(  # a configuration the pipeline refuses, reported like the others
         f"pipeline parallelism supports residual states that are a DepthState (block, full) or one "
         f"tensor (prenorm and friends); got {type(state).__name__}"
     )
@@ -130,7 +132,7 @@ def make_layout(
     """Split ``model``'s sublayers over ``pp * vpp`` chunks (evenly unless ``bounds`` is given).
 
     Block counts come from running the residual scheme's own bookkeeping (``init_state`` and
-    ``update``) on scalar stand-ins, so the layout follows whatever sealing rule the scheme has.
+    ``update``) on a one-token stand-in, so the layout follows whatever sealing rule the scheme has.
     """
     if pp < 1 or vpp < 1:
         raise ValueError(f"--parallel.pp and --parallel.vpp must be >= 1, got pp={pp}, vpp={vpp}")
@@ -146,12 +148,14 @@ def make_layout(
             "set model.tie_embeddings=false to use pipeline parallelism"
         )
     scheme = model.residual
+    weight = model.embed.weight  # one token like the model's: some schemes' updates use their weights
+    token = torch.zeros(1, 1, model.cfg.d_model, dtype=weight.dtype, device=weight.device)
     with use_impl("reference"):  # bookkeeping only: dummy tensors, no depth reads
-        state = scheme.init_state(torch.zeros(1))
+        state = scheme.init_state(token)
         carries_blocks = isinstance(state, DepthState)
         counts = [len(_flatten(state)) - 1]  # completed blocks after each sublayer boundary
         for layer in range(L):
-            state = scheme.update(state, layer, torch.zeros(1))
+            state = scheme.update(state, layer, token)
             counts.append(len(_flatten(state)) - 1)
     blocks_in = tuple(0 if c == 0 else counts[bounds[c]] for c in range(C))
     blocks_out = tuple(counts[bounds[c + 1]] for c in range(C))
@@ -223,13 +227,13 @@ class PipelineChunk(nn.Module):
         self.register_buffer("rope_sin", model.rope_sin.clone(), persistent=False)
 
     def forward(self, inp: Any) -> Any:
-        # a chunk holds only its own read sites, which the fast paths (slicing all sites) do not index
-        with use_impl("reference"):
+        impl = self.read_impl()
+        with use_impl(impl):
             if self.is_first:
                 Transformer.check_tokens(self, inp)  # only reads self.cfg
                 state = self.residual.init_state(self.embed(inp))
             else:
-                state = inp
+                state = self._arrived(inp, impl)
             T = _flatten(state)[-1].shape[1]
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
             for i, sublayer in enumerate(self.sublayers):
@@ -240,6 +244,35 @@ class PipelineChunk(nn.Module):
             if self.is_last:
                 return self.lm_head(self.norm(self.residual.final(state)))
             return state
+
+    def read_impl(self) -> str:
+        """This chunk's depth-read implementation: the model's, except ``two_phase`` reads as ``fused``.
+
+        ``two_phase`` carries the open group's phase-1 results in the state; a chunk that starts
+        mid-group has neither those nor the query rows of the group's earlier sites to recompute
+        them. ``fused`` needs only each source's ``rstd``, which is token-local and cheap, so a
+        chunk recomputes it for the sources it receives (:meth:`_arrived`).
+        """
+        fast = getattr(self.residual, "fast_reads_supported", None)
+        if fast is None:  # no depth reads (prenorm and friends): nothing to choose
+            return "reference"
+        impl = select_impl(self.residual.cfg.impl, fast())
+        if impl == "two_phase":
+            warnings.warn("pipeline chunks read depth with 'fused' instead of 'two_phase'", stacklevel=2)
+            return "fused"
+        return impl
+
+    def _arrived(self, state: Any, impl: str) -> Any:
+        """A state from the previous chunk (received, or passed in-process) set up for ``impl``.
+
+        Only blocks and the partial cross a boundary; the fused path's per-source ``rstd`` is
+        recomputed from them here. Its gradient then reaches the sources through the received
+        leaves, so the sender gets the same total gradient, summed in a different order.
+        """
+        if not isinstance(state, DepthState) or state.impl == impl:
+            return state
+        rstd = tuple(source_rstd(t, self.residual.cfg.eps) for t in state.sources) if impl == "fused" else ()
+        return DepthState(blocks=state.blocks, partial=state.partial, impl=impl, rstd=rstd)
 
     def global_names(self) -> dict[str, tuple[str, tuple[int, ...] | None]]:
         """Local parameter name -> (name in the full model, owned rows or ``None`` for the whole tensor)."""
@@ -293,6 +326,16 @@ def schedule(rank: int, pp: int, vpp: int, n_microbatches: int) -> list[tuple[st
     for i in range(total - warmup):
         ops += [op("F", warmup + i), op("B", i)]
     return ops + [op("B", k) for k in range(total - warmup, total)]
+
+
+def forward_schedule(rank: int, pp: int, vpp: int, n_microbatches: int) -> list[tuple[str, int, int]]:
+    """The ordered ``("F", chunk, microbatch)`` ops of ``rank`` for a forward-only pass (evaluation).
+
+    Micro-batch by micro-batch, each through this rank's chunks in order. Every rank follows the
+    same ``(microbatch, chunk)`` order and ``("F", c, m)`` waits only on ``("F", c - 1, m)``, which
+    comes earlier in it, so blocking receives cannot deadlock; any number of micro-batches works.
+    """
+    return [("F", c, m) for m in range(n_microbatches) for c in range(rank, pp * vpp, pp)]
 
 
 def pack(tensors: Sequence[Tensor]) -> Tensor:
@@ -410,6 +453,19 @@ class PipelineRunner:
         only the last chunk the targets). The loss is the mean over micro-batches of
         :func:`lm_loss`, which equals the full batch's loss, and is returned on every rank.
         """
+        ops = schedule(self.rank, self.layout.pp, self.layout.vpp, n_microbatches)
+        return self._run(ops, tokens, targets, n_microbatches)
+
+    @torch.no_grad()
+    def forward_loss(self, tokens: Tensor, targets: Tensor, n_microbatches: int) -> float:
+        """The loss of one batch, forward only (evaluation); returned on every rank like :meth:`step`'s."""
+        ops = forward_schedule(self.rank, self.layout.pp, self.layout.vpp, n_microbatches)
+        return self._run(ops, tokens, targets, n_microbatches)[0]
+
+    def _run(
+        self, ops: list[tuple[str, int, int]], tokens: Tensor, targets: Tensor, n_microbatches: int
+    ) -> tuple[float, CommStats]:
+        """Execute ``ops``; without grad mode nothing is kept for a backward."""
         layout, P, C, M = self.layout, self.layout.pp, self.layout.n_chunks, n_microbatches
         if tokens.shape[0] % M:
             raise ValueError(f"batch size {tokens.shape[0]} is not divisible by {M} micro-batches")
@@ -425,8 +481,9 @@ class PipelineRunner:
         local_grads: dict[tuple[int, int], list[Tensor]] = {}  # (chunk, mb) -> grads of its cached blocks
         like = self._state_template()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)  # NCCL needs it on the GPU
+        keep = torch.is_grad_enabled()
 
-        for kind, c, m in schedule(self.rank, P, layout.vpp, M):
+        for kind, c, m in ops:
             if kind == "F":
                 if c == 0:
                     leaves, inp = [], token_mbs[m]
@@ -436,21 +493,20 @@ class PipelineRunner:
                     wire = self._recv(n_wire, "fwd", c, m, c - 1)
                     leaves = [t.detach().requires_grad_() for t in cache.get(m, [])[:k] + wire]
                     inp = _unflatten(like, leaves)
-                inputs[c, m] = leaves
                 out = self.chunks[c](inp)
                 if c == C - 1:
-                    loss = lm_loss(out, target_mbs[m]) / M
-                    loss_sum += loss.detach().double()
-                    outputs[c, m] = loss
+                    out = lm_loss(out, target_mbs[m]) / M
+                    loss_sum += out.detach().double()
                     cache.pop(m, None)
                 else:
-                    flat = _flatten(out)
-                    outputs[c, m] = flat
+                    out = _flatten(out)
                     if c + P < C:  # this rank runs the micro-batch again: keep its blocks
-                        cache[m] = flat[:-1]
+                        cache[m] = out[:-1]
                     else:
                         cache.pop(m, None)
-                    self._send(flat[layout.known(c + 1, self.cache) :], "fwd", c + 1, m, c + 1)
+                    self._send(out[layout.known(c + 1, self.cache) :], "fwd", c + 1, m, c + 1)
+                if keep:  # for the backward
+                    inputs[c, m], outputs[c, m] = leaves, out
             else:
                 if c == C - 1:
                     outputs.pop((c, m)).backward()

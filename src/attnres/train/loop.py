@@ -16,21 +16,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from attnres.distributed.data_parallel import (
-    checkpoint_model,
-    init_distributed,
-    load_optimizer_state,
-    mean_over_ranks,
-    optimizer_state,
-    shard_batch,
-    unwrap,
-    wrap_model,
-)
-from attnres.model import Transformer, lm_loss
-from attnres.train.checkpoint import CHECKPOINT_DIR, load_trainer_state, save_checkpoint
+from attnres.distributed.data_parallel import init_distributed
+from attnres.model import Transformer
+from attnres.train.checkpoint import CHECKPOINT_DIR, load_model, load_trainer_state, save_checkpoint
 from attnres.train.config import TrainConfig
 from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
-from attnres.train.optim import build_optimizer, lr_multiplier
+from attnres.train.engine import ReplicatedEngine, build_engine, check_world_size
+from attnres.train.optim import lr_multiplier
 
 
 @dataclass
@@ -96,21 +88,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
-def evaluate(
-    model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
-) -> float:
-    """Token-weighted mean validation loss."""
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        total += lm_loss(model(x), y).item() * y.numel()
-        count += y.numel()
-    model.train()
-    return total / count
-
-
 def _check_out_dir(out: Path, resume: bool) -> None:
     has_run = (out / "config.json").exists() or (out / CHECKPOINT_DIR).exists()
     if resume and not (out / CHECKPOINT_DIR).exists():
@@ -139,6 +116,7 @@ def train(
         torch.set_num_threads(loop.threads)
     device = _device(loop.device)
     env = init_distributed(device.type)  # under torchrun: join the group; rank 0 alone writes
+    check_world_size(cfg.parallel, env)
     device = env.device if env.distributed else device
     if env.is_main:
         _check_out_dir(out, resume)
@@ -155,20 +133,18 @@ def train(
     batches = Batches(train_ids, val_ids, cfg.model.seq_len, loop.batch_size, loop.data_seed)
     val_batches = batches.val_batches(loop.eval_tokens)
 
-    torch.manual_seed(loop.seed)
+    torch.manual_seed(loop.seed)  # every rank builds the same full model: the single-process init
     model = Transformer(cfg.model).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
+    if resume:  # full weights, so any layout can resume
+        model.load_state_dict(load_model(out, device)[0].state_dict())
+    n_params, flops_per_token = sum(p.numel() for p in model.parameters()), model_flops_per_token(model)
+    engine = build_engine(model, cfg, env)
+    del model  # a pipeline rank keeps only its own chunks
+    optimizer = engine.optimizer
     start = 0
-    if resume:  # full weights, so any world size can resume
-        from attnres.train.checkpoint import load_model
-
-        saved, _ = load_model(out, device)
-        model.load_state_dict(saved.state_dict())
-    model = wrap_model(model, cfg.parallel.dp_shard, env)
-    optimizer = build_optimizer(unwrap(model), cfg.optim)
     if resume:
         state = load_trainer_state(out)
-        load_optimizer_state(model, optimizer.optimizers, state["optimizer"])
+        engine.load_optimizer_state(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         start = state["step"]
         log(f"resumed {out} at step {start}")
@@ -178,7 +154,7 @@ def train(
         log(
             f"{cfg.model.residual.variant}: {n_params / 1e6:.2f}M params, {len(train_ids):,} train / "
             f"{len(val_ids):,} val tokens ({corpus.name}), device {device}"
-            + (f", {env.world_size} {'FSDP2' if cfg.parallel.dp_shard else 'DDP'} ranks" * env.distributed)
+            + (f", {engine.description}" if engine.description else "")
         )
 
     metrics_path = out / "metrics.jsonl"
@@ -189,8 +165,7 @@ def train(
     metrics = metrics_path.open("a") if env.is_main else None
 
     def checkpoint(step: int) -> None:
-        plain = checkpoint_model(model, lambda: Transformer(cfg.model))  # collectives under FSDP2
-        optim_state = optimizer_state(model, optimizer.optimizers)
+        plain, optim_state = engine.checkpoint_state()  # collectives under FSDP2 and pipelines
         if env.is_main:
             trainer_state = {"step": step, "optimizer": optim_state, "rng_cpu": torch.get_rng_state()}
             save_checkpoint(out, plain, cfg, tokenizer, trainer_state)
@@ -210,15 +185,8 @@ def train(
     t_run = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
-        x, y = (shard_batch(t, env).to(device) for t in batches.train_batch(step))
         optimizer.set_lr(lr_multiplier(step, loop.steps, cfg.schedule))
-        loss = lm_loss(model(x), y)
-        loss.backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad()
-        loss_value = mean_over_ranks(loss, env).item()
+        loss_value = engine.train_step(*batches.train_batch(step))
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss became {loss_value} at step {step + 1}; lower optim.lr")
         dt = time.perf_counter() - t0
@@ -232,7 +200,7 @@ def train(
         }
         done = step + 1
         if done % loop.eval_every == 0 or done == loop.steps:
-            val_loss = evaluate(model, val_batches, device)
+            val_loss = engine.evaluate(val_batches)
             record["val_loss"] = val_loss
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
@@ -244,7 +212,7 @@ def train(
     if metrics is not None:
         metrics.close()
     if math.isnan(val_loss) and end > start:
-        val_loss = evaluate(model, val_batches, device)
+        val_loss = engine.evaluate(val_batches)
     tokens_per_s = tokens_per_step * timed_steps / timed_s if timed_s else math.nan
     result = RunResult(
         variant=cfg.model.residual.variant,
@@ -255,14 +223,14 @@ def train(
         tokens_per_s=tokens_per_s,
         n_params=n_params,
         train_tokens=end * tokens_per_step,
-        train_flops=end * tokens_per_step * model_flops_per_token(unwrap(model)),
+        train_flops=end * tokens_per_step * flops_per_token,
         seconds=time.perf_counter() - t_run,
     )
-    if end == loop.steps and not env.distributed:
+    if end == loop.steps and not env.distributed and isinstance(engine, ReplicatedEngine):
         # diagnostics need the plain model (hooks, one process); distributed runs skip them
         from attnres.analysis.diagnostics import save_diagnostics
 
-        save_diagnostics(model, *(t.to(device) for t in val_batches[0]), out)  # a held-out batch
+        save_diagnostics(engine.model, *(t.to(device) for t in val_batches[0]), out)  # a held-out batch
     if end == loop.steps and env.is_main:
         (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     return result

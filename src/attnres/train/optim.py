@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -55,14 +56,18 @@ def _is_vector_like(name: str) -> bool:
     return name.startswith("residual.") or name.endswith("norm.weight") or name.endswith(".bias")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> OptimizerGroup:
+def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig) -> OptimizerGroup:
     """AdamW over everything, or Muon for sublayer weight matrices plus AdamW for the rest.
+
+    ``named_parameters`` are ``(name, parameter)`` pairs named as in the full model
+    (``model.named_parameters()``); a pipeline passes its chunks' parameters under those names, so
+    the groups follow the same rules in every layout.
 
     Weight decay applies to matrices only. Residual-scheme parameters (pseudo-queries, key gains,
     mixing scalars) are per-read-site vectors even when stored as one ``[L+1, d]`` tensor, so they
     are never decayed: decay would pull the queries back to the uniform-average init.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in named_parameters if p.requires_grad]
     seen: set[int] = set()
     named = [(n, p) for n, p in named if not (id(p) in seen or seen.add(id(p)))]  # tied weights once
     vectors = [p for n, p in named if _is_vector_like(n) or p.dim() < 2]

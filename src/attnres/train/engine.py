@@ -1,0 +1,213 @@
+"""How a training step, an evaluation and a checkpoint run for each parallel layout.
+
+The loop (:func:`attnres.train.loop.train`) is one loop for every layout; it talks to an
+:class:`Engine`:
+
+- :class:`ReplicatedEngine`: the whole model in every process: one process, DDP, or FSDP2.
+- :class:`PipelineEngine`: ``pp * vpp`` pipeline chunks, one process per stage
+  (:mod:`attnres.distributed.pipeline`).
+
+Both start from the same full model (built from the seed, or loaded from a checkpoint), build the
+optimiser with the same param-group rules, and save checkpoints in the single-process format.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from attnres.distributed.data_parallel import (
+    DistEnv,
+    checkpoint_model,
+    load_optimizer_state,
+    mean_over_ranks,
+    optimizer_state,
+    shard_batch,
+    unwrap,
+    wrap_model,
+)
+from attnres.distributed.pipeline import PipelineRunner, split_model
+from attnres.distributed.pipeline_train import (
+    OptimizerLayout,
+    assemble,
+    chunk_pieces,
+    clip_grad_norm_across,
+    full_optimizer_state,
+    load_chunk_optimizer_state,
+    optimizer_pieces,
+    param_names,
+)
+from attnres.model import Transformer, lm_loss
+from attnres.train.config import ParallelConfig, TrainConfig
+from attnres.train.optim import OptimizerGroup, build_optimizer
+
+Batch = tuple[Tensor, Tensor]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[Batch], device: torch.device) -> float:
+    """Token-weighted mean validation loss."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        total += lm_loss(model(x), y).item() * y.numel()
+        count += y.numel()
+    model.train()
+    return total / count
+
+
+def check_world_size(parallel: ParallelConfig, env: DistEnv) -> None:
+    """Refuse a pipeline whose stage count is not the number of processes, before any work."""
+    if parallel.pipeline and env.world_size != parallel.pp:
+        raise ValueError(
+            f"parallel.pp={parallel.pp} needs exactly {parallel.pp} processes (torchrun "
+            f"--nproc-per-node={parallel.pp}), one per pipeline stage; this run has {env.world_size}. "
+            "Pipeline and data parallelism do not combine yet: launch pp processes, or set "
+            "parallel.pp=1 for DDP/FSDP2 over all processes"
+        )
+
+
+class Engine(ABC):
+    """One layout's way of running the loop's steps. Every method is called on every rank."""
+
+    optimizer: OptimizerGroup
+    #: how the run is parallelised, for the start-of-run log line ("" for one process)
+    description: str
+
+    @abstractmethod
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        """Forward, backward, gradient clipping and optimiser step on the global batch ``[B, T]``.
+
+        Returns the batch's mean loss, the same on every rank.
+        """
+
+    @abstractmethod
+    def evaluate(self, batches: list[Batch]) -> float:
+        """Token-weighted mean loss over ``batches``, forward only."""
+
+    @abstractmethod
+    def checkpoint_state(self) -> tuple[nn.Module | None, Any]:
+        """The plain full model and the optimiser state to save; ``(None, None)`` off rank 0.
+
+        Both are in the single-process format, so any layout can load them.
+        """
+
+    @abstractmethod
+    def load_optimizer_state(self, state: Any) -> None:
+        """Restore what :meth:`checkpoint_state` saved (from this or another layout)."""
+
+
+class ReplicatedEngine(Engine):
+    """The whole model in each process: one process, or DDP / FSDP2 over ``env.world_size`` ranks.
+
+    Each rank trains on its slice of the global batch (:func:`shard_batch`).
+    """
+
+    def __init__(self, model: Transformer, cfg: TrainConfig, env: DistEnv) -> None:
+        self.env, self.grad_clip, self.model_cfg = env, cfg.optim.grad_clip, cfg.model
+        self.model = wrap_model(model, cfg.parallel.dp_shard, env)
+        self.optimizer = build_optimizer(unwrap(self.model).named_parameters(), cfg.optim)
+        kind = "FSDP2" if cfg.parallel.dp_shard else "DDP"
+        self.description = f"{env.world_size} {kind} ranks" if env.distributed else ""
+
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        x, y = (shard_batch(t, self.env).to(self.env.device) for t in (x, y))
+        loss = lm_loss(self.model(x), y)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return mean_over_ranks(loss, self.env).item()
+
+    def evaluate(self, batches: list[Batch]) -> float:
+        return evaluate(self.model, batches, self.env.device)
+
+    def checkpoint_state(self) -> tuple[nn.Module | None, Any]:
+        plain = checkpoint_model(self.model, lambda: Transformer(self.model_cfg))  # collective under FSDP2
+        state = optimizer_state(self.model, self.optimizer.optimizers)
+        return (plain, state) if self.env.is_main else (None, None)
+
+    def load_optimizer_state(self, state: Any) -> None:
+        load_optimizer_state(self.model, self.optimizer.optimizers, state)
+
+
+class PipelineEngine(Engine):
+    """This rank's ``vpp`` pipeline chunks of the model, with their own optimiser.
+
+    - The chunks are cut from the full model every rank builds, so the init is the single-process one.
+    - Each parameter is named as in the full model when the optimiser is built, so the param-group
+      rules (no decay for residual parameters and norms, Muon for sublayer matrices) are the same.
+    - Gradients are clipped by the norm over all ranks (:func:`clip_grad_norm_across`).
+    - A step splits the batch into ``parallel.n_microbatches`` micro-batches; evaluation runs
+      forward only, in ``gcd(batch, n_microbatches)`` micro-batches (the last validation batch
+      may be smaller).
+    - Checkpoints gather every rank's weights and optimiser state to rank 0 and assemble the
+      single-process ones (:mod:`attnres.distributed.pipeline_train`).
+    """
+
+    def __init__(self, model: Transformer, cfg: TrainConfig, env: DistEnv) -> None:
+        par = cfg.parallel
+        self.env, self.grad_clip, self.model_cfg = env, cfg.optim.grad_clip, cfg.model
+        self.microbatches = par.n_microbatches
+        layout, self.chunks = split_model(model, par.pp, par.vpp, rank=env.rank)
+        self.runner = PipelineRunner(self.chunks, layout, cache="seen" if par.attnres_cache else "off")
+        self.names = param_names(self.chunks)
+        self.params = [p for chunk in self.chunks for p in chunk.parameters()]
+        self.optimizer = build_optimizer(((self.names[id(p)][0], p) for p in self.params), cfg.optim)
+        # the single-process optimisers' parameter order: the format checkpoints are written in
+        self.full_optimizer = OptimizerLayout.of(
+            build_optimizer(model.named_parameters(), cfg.optim).optimizers, model
+        )
+        schedule = "GPipe" if par.vpp == 1 else "interleaved 1F1B"
+        self.description = (
+            f"pipeline pp={par.pp} x vpp={par.vpp} ({schedule}, {self.microbatches} micro-batches, "
+            f"cross-stage cache {'on' if par.attnres_cache else 'off'})"
+        )
+
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        loss, _ = self.runner.step(x.to(self.env.device), y.to(self.env.device), self.microbatches)
+        if self.grad_clip:
+            clip_grad_norm_across(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss
+
+    def evaluate(self, batches: list[Batch]) -> float:
+        for chunk in self.chunks:
+            chunk.eval()
+        total, count = 0.0, 0
+        for x, y in batches:
+            m = math.gcd(x.shape[0], self.microbatches)
+            total += self.runner.forward_loss(x.to(self.env.device), y.to(self.env.device), m) * y.numel()
+            count += y.numel()
+        for chunk in self.chunks:
+            chunk.train()
+        return total / count
+
+    def checkpoint_state(self) -> tuple[nn.Module | None, Any]:
+        mine = (chunk_pieces(self.chunks), optimizer_pieces(self.optimizer.optimizers, self.names))
+        gathered: list[Any] | None = [None] * self.env.world_size if self.env.is_main else None
+        dist.gather_object(mine, gathered, dst=0)
+        if gathered is None:
+            return None, None
+        with torch.random.fork_rng(devices=[]):  # building a model draws an init; training must not see it
+            plain = Transformer(self.model_cfg)
+        like = dict(plain.named_parameters())
+        plain.load_state_dict(assemble(like, [p for weights, _ in gathered for p in weights]))
+        state = full_optimizer_state(self.full_optimizer, [p for _, opt in gathered for p in opt], like)
+        return plain, state
+
+    def load_optimizer_state(self, state: Any) -> None:
+        load_chunk_optimizer_state(self.full_optimizer, state, self.optimizer.optimizers, self.names)
+
+
+def build_engine(model: Transformer, cfg: TrainConfig, env: DistEnv) -> Engine:
+    """The engine for ``cfg.parallel``, starting from ``model`` (on ``env.device``, weights final)."""
+    return PipelineEngine(model, cfg, env) if cfg.parallel.pipeline else ReplicatedEngine(model, cfg, env)
