@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = bench.add_parser(verb, help=text)
         _add_arguments(f"attnres.bench.{verb}", p)
         p.set_defaults(func=lambda args, extra, verb=verb: _run(f"attnres.bench.{verb}", args, extra))
+    from attnres.distributed.bench import register_pipeline_bench
+
+    p = register_pipeline_bench(bench)
+    pipeline_main = p.get_default("func")  # takes only the parsed arguments
+    p.set_defaults(func=lambda args, extra: pipeline_main(args))
 
     p = sub.add_parser("convert", help="convert a checkpoint to or from a Hugging Face transformers dir")
     way = p.add_mutually_exclusive_group(required=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from attnres.cli import main
 
 
@@ -25,3 +27,12 @@ def test_bench_train_pairwise_json(capsys) -> None:
     assert [r["arm"] for r in result["rows"]] == ["prenorm", "block[auto]", "rezero"]
     assert result["rows"][0]["ratio_vs_prenorm"] == 1.0
     assert all(r["step_ms"] > 0 and r["memory_ratio"] > 0 for r in result["rows"])
+
+
+@pytest.mark.distributed
+def test_bench_pipeline_json(capsys) -> None:
+    args = ["--pp", "2", "--vpp", "1", "--n-layers", "2", "--d-model", "16", "--seq-len", "8"]
+    main(["bench", "pipeline", *args, "--microbatches", "2", "--microbatch-size", "1", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["modes"]) == {"off", "received", "seen"}
+    assert result["modes"]["seen"]["fwd_bytes"] <= result["modes"]["off"]["fwd_bytes"]

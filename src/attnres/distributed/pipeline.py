@@ -258,7 +258,8 @@ class PipelineChunk(nn.Module):
             return "reference"
         impl = select_impl(self.residual.cfg.impl, fast())
         if impl == "two_phase":
-            warnings.warn("pipeline chunks read depth with 'fused' instead of 'two_phase'", stacklevel=2)
+            if self.residual.cfg.impl == "two_phase":  # asked for by name; auto picks it without grads
+                warnings.warn("pipeline chunks read depth with 'fused' instead of 'two_phase'", stacklevel=2)
             return "fused"
         return impl
 
