@@ -1,4 +1,4 @@
-"""``attnres bench ops`` and ``attnres bench train`` run end to end and end stdout with one JSON line."""
+"""``attnres bench ops``, ``train`` and ``pipeline`` run end to end and end stdout with one JSON line."""
 
 from __future__ import annotations
 
@@ -36,3 +36,10 @@ def test_bench_pipeline_json(capsys) -> None:
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result["modes"]) == {"off", "received", "seen"}
     assert result["modes"]["seen"]["fwd_bytes"] <= result["modes"]["off"]["fwd_bytes"]
+    per_block = result["microbatches"] * result["microbatch_tokens"] * result["d_model"]  # elements
+    for mode in result["modes"].values():
+        for t in mode["transitions"]:
+            assert t["fwd_elements"] == (t["expected_blocks_per_token"] + 1) * per_block  # + the partial
+            assert t["fwd_bytes"] == 4 * t["fwd_elements"]  # fp32
+            assert (t["bwd_elements"], t["bwd_bytes"]) == (t["fwd_elements"], t["fwd_bytes"])
+        assert mode["fwd_elements"] == sum(t["fwd_elements"] for t in mode["transitions"])

@@ -72,9 +72,10 @@ def run_pipeline_bench(
     tokens = microbatch_size * seq_len
     modes: dict[str, Any] = {}
     for case, r in zip(cases, results, strict=True):
-        per = {d: {"bytes": Counter(), "blocks": Counter(), "tensors": Counter()} for d in ("fwd", "bwd")}
+        counted = ("bytes", "elements", "blocks", "tensors")
+        per = {d: {what: Counter() for what in counted} for d in ("fwd", "bwd")}
         for rec in r["records"]:
-            for what in ("bytes", "blocks", "tensors"):
+            for what in counted:
                 per[rec["direction"]][what][rec["transition"]] += rec[what]
         modes[case.cache] = {
             "transitions": [
@@ -83,12 +84,16 @@ def run_pipeline_bench(
                     "link": f"{layout.rank_of(j - 1)}->{layout.rank_of(j)}",
                     "blocks_per_token": per["fwd"]["blocks"][j] / microbatches,
                     "expected_blocks_per_token": expected_blocks(layout, case.cache)[j],
+                    "fwd_elements": per["fwd"]["elements"][j],
+                    "bwd_elements": per["bwd"]["elements"][j],
                     "fwd_bytes": per["fwd"]["bytes"][j],
                     "bwd_bytes": per["bwd"]["bytes"][j],
                 }
                 for j in range(1, layout.n_chunks)
             ],
             "blocks_per_token": sum(per["fwd"]["blocks"].values()) / microbatches,
+            "fwd_elements": sum(per["fwd"]["elements"].values()),
+            "bwd_elements": sum(per["bwd"]["elements"].values()),
             "fwd_bytes": sum(per["fwd"]["bytes"].values()),
             "bwd_bytes": sum(per["bwd"]["bytes"].values()),
             "block_bytes": sum(per["fwd"]["blocks"].values()) * tokens * d_model * 4,
@@ -141,10 +146,22 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(f"{row['j']:>3} {row['link']:>5} " + " ".join(f"{c:>12}" for c in cells))
     lines += [
         "",
+        "traffic over each link in one step (blocks and partial), forward and backward",
+        f"{'cache':>9} {'j':>3} {'link':>5} {'fwd elements':>13} {'fwd bytes':>10} "
+        f"{'bwd elements':>13} {'bwd bytes':>10}",
+    ]
+    for name, mode in res["modes"].items():
+        for t in mode["transitions"]:
+            lines.append(
+                f"{name:>9} {t['j']:>3} {t['link']:>5} {t['fwd_elements']:>13} {t['fwd_bytes']:>10} "
+                f"{t['bwd_elements']:>13} {t['bwd_bytes']:>10}"
+            )
+    lines += [
+        "",
         "totals per step; formula = blocks per token predicted for aligned blocks (N_p per chunk);",
         "predicted bytes = (formula + one partial per link) x bytes per block per token",
-        f"{'cache':>9} {'blocks/token':>12} {'formula':>22} {'block bytes':>12} {'fwd bytes':>10} "
-        f"{'predicted':>10} {'bwd bytes':>10}",
+        f"{'cache':>9} {'blocks/token':>12} {'formula':>22} {'block bytes':>12} {'fwd elements':>13} "
+        f"{'fwd bytes':>10} {'predicted':>10} {'bwd bytes':>10}",
     ]
     formulas = {
         "off": ("Eq.7", res["eq7_blocks_per_token"]),
@@ -157,7 +174,7 @@ def format_table(res: dict[str, Any]) -> str:
         formula = f"{label} = {value:g}"
         lines.append(
             f"{name:>9} {mode['blocks_per_token']:>12g} {formula:>22} {mode['block_bytes']:>12} "
-            f"{mode['fwd_bytes']:>10} {round((value + links) * scale):>10} {mode['bwd_bytes']:>10}"
+            f"{mode['fwd_elements']:>13} {mode['fwd_bytes']:>10} {round((value + links) * scale):>10} {mode['bwd_bytes']:>10}"
         )
     off = res["modes"]["off"]["fwd_bytes"]
     lines.append(
