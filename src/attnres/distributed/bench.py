@@ -174,7 +174,8 @@ def format_table(res: dict[str, Any]) -> str:
         formula = f"{label} = {value:g}"
         lines.append(
             f"{name:>9} {mode['blocks_per_token']:>12g} {formula:>22} {mode['block_bytes']:>12} "
-            f"{mode['fwd_elements']:>13} {mode['fwd_bytes']:>10} {round((value + links) * scale):>10} {mode['bwd_bytes']:>10}"
+            f"{mode['fwd_elements']:>13} {mode['fwd_bytes']:>10} {round((value + links) * scale):>10} "
+            f"{mode['bwd_bytes']:>10}"
         )
     off = res["modes"]["off"]["fwd_bytes"]
     lines.append(
