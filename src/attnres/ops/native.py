@@ -4,13 +4,15 @@
 read instead of the ~15 passes of the PyTorch-ops path (see the C++ file's header). Building needs a
 C++ compiler and ``ninja`` (a dependency of this package); it takes about half a minute, once per
 machine and kernel version: the library is cached under ``$ATTNRES_CACHE/native`` (default
-``~/.cache/attnres/native``), and rebuilt only when the source or the build flags change. Without a
+``~/.cache/attnres/native``) in a folder per torch version, Python version and source content, so
+every checkout of the same kernel shares one build. Without a
 compiler the read falls back to PyTorch ops, with one warning saying why; ``ATTNRES_KERNELS=torch``
 (or :func:`attnres.ops.dispatch.use_kernels`) chooses the PyTorch ops on purpose.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -53,15 +55,26 @@ def _build() -> ModuleType:
 
     level = torch.backends.cpu.get_cpu_capability()
     name = f"attnres_depth_attend_{level.lower()}"
+    source = _SOURCE.read_bytes()
+    # Keyed by the source's content, and compiled from a copy inside the key: ninja rebuilds when a
+    # source *path* changes, so two checkouts of the same kernel would otherwise rebuild each other's
+    # library (and race on it when run side by side).
     build_dir = Path(os.environ.get("ATTNRES_CACHE", "~/.cache/attnres")).expanduser() / "native"
-    build_dir = build_dir / f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    build_dir = build_dir / (
+        f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+        f"-{hashlib.sha256(source).hexdigest()[:12]}"
+    )
     build_dir.mkdir(parents=True, exist_ok=True)
-    built = build_dir / f"{name}.so"
-    if not built.exists() or built.stat().st_mtime < _SOURCE.stat().st_mtime:
+    copy = build_dir / _SOURCE.name
+    if not copy.exists():
+        partial = copy.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(source)
+        os.replace(partial, copy)  # atomic: a concurrent builder never compiles half a file
+    if not (build_dir / f"{name}.so").exists():
         print("attnres: building the native CPU depth-read kernel (once, about 30 s)...", file=sys.stderr)
     return load(
         name=name,
-        sources=[str(_SOURCE)],
+        sources=[str(copy)],
         extra_cflags=["-O3", "-fopenmp", *_ARCH_FLAGS.get(level, [])],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
