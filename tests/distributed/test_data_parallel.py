@@ -22,6 +22,8 @@ from attnres.distributed.data_parallel import (
 from attnres.distributed.launch import spawn_gloo
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.residuals import ResidualConfig
+from attnres.train.config import ParallelConfig
+from attnres.train.engine import check_world_size
 
 STEPS, BATCH = 3, 4
 
@@ -89,3 +91,9 @@ def test_shard_batch_refuses_uneven_batches() -> None:
     torch.testing.assert_close(
         shard_batch(torch.arange(4), DistEnv(rank=1, world_size=2)), torch.tensor([2, 3])
     )
+
+
+def test_uneven_batches_are_refused_before_any_work() -> None:
+    with pytest.raises(ValueError, match="batch_size=4 is not divisible by the 3 data-parallel ranks"):
+        check_world_size(ParallelConfig(), DistEnv(world_size=3), batch_size=4)
+    check_world_size(ParallelConfig(), DistEnv(world_size=2), batch_size=4)

@@ -15,7 +15,15 @@ from attnres.distributed.accounting import (
     eq8_cached,
     expected_blocks,
 )
-from attnres.distributed.pipeline import SiteRows, forward_schedule, make_layout, pack, schedule, split_model
+from attnres.distributed.pipeline import (
+    SiteRows,
+    check_p2p_backend,
+    forward_schedule,
+    make_layout,
+    pack,
+    schedule,
+    split_model,
+)
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.ops.dispatch import use_impl
 from attnres.residuals import ResidualConfig
@@ -77,6 +85,60 @@ def test_schedule_runs_every_op_once_without_deadlock(pp: int, vpp: int, rounds:
 @pytest.mark.parametrize("M", [1, 3, 4])
 def test_forward_schedule_runs_every_forward_once_without_deadlock(pp: int, vpp: int, M: int) -> None:
     _simulate(pp, vpp, M, forward_schedule, kinds="F")
+
+
+def _rendezvous_deadlocks(pp: int, vpp: int, M: int, plan: Callable = schedule) -> bool:
+    """Replay each rank's sends and receives in program order as NCCL runs large messages.
+
+    Every message is a rendezvous: a send finishes only together with its receive, each rank's
+    point-to-point ops run one after another. (That is exact for ``pp == 2``, where each rank has
+    one peer and NCCL one stream to it, and stricter than NCCL for more ranks.) True on deadlock.
+    """
+    C = pp * vpp
+
+    def messages(rank: int) -> list[tuple[str, int, tuple[str, int, int]]]:
+        out = []
+        for kind, c, m in plan(rank, pp, vpp, M):
+            prev, nxt = (c - 1, c + 1) if kind == "F" else (c + 1, c - 1)
+            arrival = c if kind == "F" else c + 1  # the transition the input crosses
+            if 0 <= prev < C:
+                out.append(("recv", prev % pp, (kind, arrival, m)))
+            if 0 <= nxt < C:
+                out.append(("send", nxt % pp, (kind, nxt if kind == "F" else c, m)))
+        return out
+
+    queues = {r: messages(r) for r in range(pp)}
+    heads = dict.fromkeys(queues, 0)
+    while any(heads[r] < len(queues[r]) for r in queues):
+        for r in queues:
+            if heads[r] == len(queues[r]) or queues[r][heads[r]][0] != "send":
+                continue
+            _, peer, msg = queues[r][heads[r]]
+            if heads[peer] < len(queues[peer]) and queues[peer][heads[peer]] == ("recv", r, msg):
+                heads[r] += 1
+                heads[peer] += 1
+                break
+        else:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("pp", [2, 3, 4])
+@pytest.mark.parametrize("M", [1, 4, 8])
+def test_gpipe_and_forward_schedules_never_cross_sends(pp: int, M: int) -> None:
+    """Why vpp=1 (and evaluation) may run on NCCL: no two ranks ever wait on each other's sends."""
+    assert not _rendezvous_deadlocks(pp, 1, M)
+    for vpp in (1, 2, 3):
+        assert not _rendezvous_deadlocks(pp, vpp, M, forward_schedule)
+
+
+def test_interleaved_schedule_crosses_sends_so_nccl_is_refused() -> None:
+    """Interleaved 1F1B's steady state has both neighbours send first: refused off gloo."""
+    assert _rendezvous_deadlocks(2, 2, 4)
+    check_p2p_backend("gloo", 2)
+    check_p2p_backend("nccl", 1)
+    with pytest.raises(ValueError, match="vpp=1"):
+        check_p2p_backend("nccl", 2)
 
 
 def test_interleaved_schedule_is_1f1b_in_steady_state() -> None:

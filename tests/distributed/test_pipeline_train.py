@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from attnres.cli import main
 from attnres.configs import apply_overrides
@@ -75,13 +76,15 @@ def test_assemble_refuses_a_missing_or_doubled_piece() -> None:
         assemble(like, [*pieces, pieces[-1]])
 
 
+@pytest.mark.parametrize("saved_as", ["one-process", "fsdp2"])
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
-def test_optimizer_state_round_trips_through_chunks(optim: str) -> None:
+def test_optimizer_state_round_trips_through_chunks(optim: str, saved_as: str) -> None:
     """Single-process state -> chunk optimisers -> more steps -> single-process state again.
 
     The chunk optimisers, loaded from the single-process state, take the same steps as the
     single-process optimiser (bitwise: Adam and Muon act per parameter), and their assembled
-    state is the single-process optimiser's.
+    state is the single-process optimiser's. The state may come as FSDP2 checkpoints hold it
+    (``{"fsdp_full": ...}``, keyed by parameter name), here made from the same optimisers.
     """
     cfg = OptimConfig(name=optim, lr=1e-2)
     model = _model()
@@ -94,6 +97,11 @@ def test_optimizer_state_round_trips_through_chunks(optim: str) -> None:
             p.grad = grads[name]
         full.step()
     saved = copy.deepcopy([o.state_dict() for o in full.optimizers])  # as torch.load gives it back
+    if saved_as == "fsdp2":
+        options = StateDictOptions(full_state_dict=True)
+        saved = {
+            "fsdp_full": copy.deepcopy(get_optimizer_state_dict(model, full.optimizers, options=options))
+        }
     _, chunks = split_model(model, PP, VPP)
     ranks = [[c for c in chunks if c.index % PP == r] for r in range(PP)]
     opts = []
@@ -146,7 +154,7 @@ def test_bad_pipeline_configs_are_refused(overrides: dict[str, str], match: str)
 def test_pipeline_needs_one_process_per_stage(tmp_path, capsys) -> None:
     for world_size in (1, 4):  # no torchrun; pipeline x data parallel
         with pytest.raises(ValueError, match="needs exactly 2 processes"):
-            check_world_size(ParallelConfig(pp=2), DistEnv(world_size=world_size))
+            check_world_size(ParallelConfig(pp=2), DistEnv(world_size=world_size), batch_size=4)
     with pytest.raises(SystemExit) as exit_info:  # the CLI refuses before loading any data
         main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--parallel.pp=2"])
     assert exit_info.value.code == 2

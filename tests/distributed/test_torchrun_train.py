@@ -7,6 +7,7 @@ test_data_parallel for why Adam turns ~1e-7 gradient differences into ~1e-6 weig
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,14 @@ def test_torchrun_matches_one_process_and_resumes_on_one(dp_shard: bool, train_c
     assert len(losses(tmp_path / "two")) == 4
     # the 2-process checkpoint resumes in one process, and the 1-process one under torchrun (DDP:
     # a checkpoint written without FSDP2 has per-parameter optimiser state FSDP2 refuses to load)
+    shutil.copytree(tmp_path / "two", tmp_path / "two-pp")
     train_cli(tmp_path / "two", 1, *STEPS, "--resume", "--train.steps=6", "--parallel.dp_shard=false")
+    # ... and under a pipeline, whose chunk optimisers take their rows of the saved state
+    pipeline = ("--parallel.dp_shard=false", "--parallel.pp=2")
+    train_cli(tmp_path / "two-pp", 2, *STEPS, "--resume", "--train.steps=6", *pipeline)
+    torch.testing.assert_close(
+        torch.tensor(losses(tmp_path / "two-pp")), torch.tensor(losses(tmp_path / "two")), rtol=1e-5, atol=0
+    )
     train_cli(tmp_path / "one", 2, *STEPS, "--resume", "--train.steps=6")
     torch.testing.assert_close(
         torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=0

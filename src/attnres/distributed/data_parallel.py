@@ -38,6 +38,7 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
+        """More than one process (a process group is initialised)."""
         return self.world_size > 1
 
 
@@ -112,7 +113,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     the other ranks get an empty dict.
     """
     inner = unwrap(model)
-    if any(isinstance(p, torch.distributed.tensor.DTensor) for p in inner.parameters()):
+    if _sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -59,6 +59,7 @@ def _flatten(state: Any) -> list[Tensor]:
 
 
 def _unflatten(like: Any, tensors: Sequence[Tensor]) -> Any:
+    """Inverse of :func:`_flatten`: a state of ``like``'s type from its tensors."""
     if isinstance(like, DepthState):
         return DepthState(blocks=tuple(tensors[:-1]), partial=tensors[-1])
     (hidden,) = tensors
@@ -102,6 +103,7 @@ class PipelineLayout:
 
     @property
     def n_chunks(self) -> int:
+        """``C = pp * vpp``."""
         return self.pp * self.vpp
 
     def rank_of(self, chunk: int) -> int:
@@ -367,15 +369,23 @@ class CommStats:
 
     records: list[CommRecord] = field(default_factory=list)
 
-    def total(self, direction: str, what: str = "bytes") -> int:
-        return sum(getattr(r, what) for r in self.records if r.direction == direction)
 
-    def per_transition(self, direction: str, what: str = "bytes") -> dict[int, int]:
-        out: dict[int, int] = {}
-        for r in self.records:
-            if r.direction == direction:
-                out[r.transition] = out.get(r.transition, 0) + getattr(r, what)
-        return dict(sorted(out.items()))
+def check_p2p_backend(backend: str, vpp: int) -> None:
+    """Refuse the interleaved schedule (``vpp > 1``) on backends other than gloo.
+
+    In interleaved 1F1B's steady state two neighbouring ranks each send before they receive from
+    the other (``tests/distributed/test_pipeline_split.py`` replays the order). gloo sends in the
+    background, so that is fine; NCCL matches a pair's sends and receives in order on one stream and
+    cannot finish a send larger than its buffers until the peer posts the receive, so the two sends
+    can wait on each other forever. GPipe (``vpp == 1``) and the forward-only schedule never cross.
+    """
+    if vpp > 1 and backend != "gloo":
+        raise ValueError(
+            f"the interleaved pipeline schedule (vpp={vpp}) runs only on the gloo backend, not "
+            f"{backend!r}: its steady state has neighbouring ranks send to each other before either "
+            "receives, which can deadlock NCCL for large activations. Use --parallel.vpp=1 (GPipe, "
+            "safe on NCCL) or train on CPU"
+        )
 
 
 class PipelineRunner:
@@ -398,6 +408,7 @@ class PipelineRunner:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
         self.layout, self.cache, self.group = layout, cache, group
+        check_p2p_backend(dist.get_backend(group), layout.vpp)
         self.rank = dist.get_rank(group)
         if dist.get_world_size(group) != layout.pp:
             raise ValueError(
@@ -412,7 +423,7 @@ class PipelineRunner:
     def _peer(self, chunk: int) -> int:
         return (
             dist.get_global_rank(self.group, self.layout.rank_of(chunk))
-            if self.group
+            if self.group is not None
             else self.layout.rank_of(chunk)
         )
 

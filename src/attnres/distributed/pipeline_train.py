@@ -15,7 +15,7 @@ any ``pp``/``vpp``) resumes under any other, and exactly under the same one.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,28 +176,41 @@ def full_optimizer_state(
 
 def load_chunk_optimizer_state(
     layout: OptimizerLayout,
-    full_states: Sequence[dict[str, Any]],
+    full_states: Any,
     optimizers: Sequence[torch.optim.Optimizer],
     names: Mapping[int, tuple[str, Rows]],
 ) -> None:
-    """Load single-process optimiser ``state_dict()``s into this rank's chunk optimisers.
+    """Load a checkpoint's optimiser state into this rank's chunk optimisers.
 
-    Each chunk parameter gets the rows of its full parameter's state. The chunk optimisers keep
-    their own hyperparameters (built from the same config; the schedule sets ``lr`` every step).
+    ``full_states`` is what a checkpoint holds: the single-process optimisers' ``state_dict()``s
+    (index-keyed, in ``layout``'s order), or FSDP2's ``{"fsdp_full": ...}`` (keyed by parameter
+    name). Each chunk parameter gets the rows of its full parameter's state. The chunk optimisers
+    keep their own hyperparameters (built from the same config; the schedule sets ``lr`` every step).
     """
-    if not isinstance(full_states, Sequence) or len(full_states) != len(optimizers):
-        raise ValueError(
-            "this checkpoint's optimiser state does not match this run's optimisers (was it saved with "
-            "FSDP2, --parallel.dp_shard=true, or a different optim.name?); resume it as it was saved"
-        )
-    for i, (opt, full) in enumerate(zip(optimizers, full_states, strict=True)):
-        index = {name: k for k, name in enumerate(layout.names[i])}
+    saved_state = _saved_state_lookup(layout, full_states, len(optimizers))
+    for i, opt in enumerate(optimizers):
         state_dict = opt.state_dict()
         for k, p in enumerate(p for g in opt.param_groups for p in g["params"]):
             name, rows = names[id(p)]
-            saved = full["state"].get(index[name])
+            saved = saved_state(i, name)
             if saved is not None:
                 state_dict["state"][k] = {
                     key: take_rows(v, rows) if isinstance(v, Tensor) else v for key, v in saved.items()
                 }
         opt.load_state_dict(state_dict)
+
+
+def _saved_state_lookup(
+    layout: OptimizerLayout, full_states: Any, n_optimizers: int
+) -> Callable[[int, str], dict[str, Any] | None]:
+    """``(optimiser index, parameter name) -> that parameter's saved state`` (``None``: no state yet)."""
+    if isinstance(full_states, dict) and "fsdp_full" in full_states:
+        by_name = full_states["fsdp_full"]["state"]
+        return lambda _i, name: by_name.get(name)
+    if not isinstance(full_states, Sequence) or len(full_states) != n_optimizers:
+        raise ValueError(
+            "this checkpoint's optimiser state does not match this run's optimisers (was it saved with "
+            "a different optim.name?); resume it with the optimiser it was saved with"
+        )
+    index = [{name: k for k, name in enumerate(names)} for names in layout.names]
+    return lambda i, name: full_states[i]["state"].get(index[i][name])

@@ -237,7 +237,7 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
     if path.exists():
         return load_tokenizer(path)
     tok = train_bpe(corpus.train, cfg.vocab_size)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: torchrun ranks build it side by side
     tok.save(tmp)
     tmp.replace(path)  # atomic, so parallel runs never read a half-written file
     return tok
@@ -259,7 +259,7 @@ def tokenize_corpus(cfg: DataConfig, corpus: Corpus, tok: Tokenizer, tok_key: st
         with np.load(path) as z:
             return torch.from_numpy(z["train"]), torch.from_numpy(z["val"])
     train, val = encode_docs(tok, corpus.train), encode_docs(tok, corpus.val)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # per process, as in build_tokenizer
     np.savez(tmp, train=train, val=val)
     tmp.replace(path)
     return torch.from_numpy(train), torch.from_numpy(val)

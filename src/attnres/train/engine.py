@@ -62,8 +62,14 @@ def evaluate(model: nn.Module, batches: list[Batch], device: torch.device) -> fl
     return total / count
 
 
-def check_world_size(parallel: ParallelConfig, env: DistEnv) -> None:
-    """Refuse a pipeline whose stage count is not the number of processes, before any work."""
+def check_world_size(parallel: ParallelConfig, env: DistEnv, batch_size: int) -> None:
+    """Before any work: refuse a pipeline whose stage count is not the number of processes, and a
+    data-parallel run whose global batch of ``batch_size`` sequences does not split over the ranks."""
+    if not parallel.pipeline and batch_size % env.world_size:
+        raise ValueError(
+            f"train.batch_size={batch_size} is not divisible by the {env.world_size} data-parallel "
+            "ranks; pick a batch size that is a multiple of --nproc-per-node x nodes"
+        )
     if parallel.pipeline and env.world_size != parallel.pp:
         raise ValueError(
             f"parallel.pp={parallel.pp} needs exactly {parallel.pp} processes (torchrun "
@@ -130,7 +136,9 @@ class ReplicatedEngine(Engine):
         return evaluate(self.model, batches, self.env.device)
 
     def checkpoint_state(self) -> tuple[nn.Module | None, Any]:
-        plain = checkpoint_model(self.model, lambda: Transformer(self.model_cfg))  # collective under FSDP2
+        # a collective under FSDP2; building the model draws an init, which training must not see
+        with torch.random.fork_rng(devices=[]):
+            plain = checkpoint_model(self.model, lambda: Transformer(self.model_cfg))
         state = optimizer_state(self.model, self.optimizer.optimizers)
         return (plain, state) if self.env.is_main else (None, None)
 

@@ -116,7 +116,7 @@ def train(
         torch.set_num_threads(loop.threads)
     device = _device(loop.device)
     env = init_distributed(device.type)  # under torchrun: join the group; rank 0 alone writes
-    check_world_size(cfg.parallel, env)
+    check_world_size(cfg.parallel, env, cfg.train.batch_size)
     device = env.device if env.distributed else device
     if env.is_main:
         _check_out_dir(out, resume)
