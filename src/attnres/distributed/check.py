@@ -117,16 +117,18 @@ def run_case(rank: int, case: PipelineCase) -> dict[str, Any] | None:
 
 
 def _worker(rank: int, world_size: int, cases: list[PipelineCase], out: str) -> None:
-    isend, sends = dist.isend, [0]
+    batch_isend_irecv, sends = dist.batch_isend_irecv, [0]
 
-    def contiguous_isend(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def contiguous_batch(ops: list[dist.P2POp]) -> Any:
         # gloo reads the raw buffer, so a non-contiguous tensor would arrive scrambled
-        if not tensor.is_contiguous():
-            raise ValueError(f"non-contiguous tensor {tuple(tensor.shape)} handed to gloo isend")
-        sends[0] += 1
-        return isend(tensor, *args, **kwargs)
+        for op in ops:
+            if op.op is dist.isend:
+                if not op.tensor.is_contiguous():
+                    raise ValueError(f"non-contiguous tensor {tuple(op.tensor.shape)} handed to gloo isend")
+                sends[0] += 1
+        return batch_isend_irecv(ops)
 
-    dist.isend = contiguous_isend  # this process only: it was spawned for the check
+    dist.batch_isend_irecv = contiguous_batch  # this process only: it was spawned for the check
     results = []
     for case in cases:
         sends[0] = 0

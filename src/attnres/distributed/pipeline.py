@@ -300,16 +300,24 @@ def split_model(
     return layout, [PipelineChunk(model, layout, c) for c in indices]
 
 
-def schedule(rank: int, pp: int, vpp: int, n_microbatches: int) -> list[tuple[str, int, int]]:
-    """The ordered ``("F" | "B", chunk, microbatch)`` ops of ``rank``.
+Op = tuple[str, int, int]  # ("F" | "B", chunk, microbatch)
+Message = tuple[str, int, int]  # ("fwd" | "bwd", transition j = the link into chunk j, microbatch)
 
-    GPipe for ``vpp == 1`` (all forwards, then all backwards); otherwise interleaved 1F1B
-    (Megatron-LM's order: micro-batches in groups of ``pp``, warm-up of
-    ``2 (pp - rank - 1) + (vpp - 1) pp`` forwards, then one forward / one backward).
+
+def schedule_units(rank: int, pp: int, vpp: int, n_microbatches: int) -> list[list[Op]]:
+    """:func:`schedule`'s ops in communication units: a unit's sends and the next unit's receives
+    are posted together (one ``batch_isend_irecv``).
+
+    Each op is its own unit, except in interleaved 1F1B's steady state, where a forward and the
+    backward after it form one. There neighbouring ranks each have a forward and a backward
+    message for the other; posted one at a time, both ranks would send before either receives,
+    which NCCL (it matches a pair's messages in order and cannot finish a large send before the
+    receive is posted) can deadlock on. Posted as one group per 1F1B pair, they never wait on each
+    other (``tests/distributed/test_pipeline_split.py`` replays every rank's groups to show it).
     """
     M = n_microbatches
     if vpp == 1:
-        return [("F", rank, m) for m in range(M)] + [("B", rank, m) for m in range(M)]
+        return [[("F", rank, m)] for m in range(M)] + [[("B", rank, m)] for m in range(M)]
     if M % pp:
         raise ValueError(
             f"interleaved 1F1B needs the number of micro-batches ({M}) to be a multiple of "
@@ -317,7 +325,7 @@ def schedule(rank: int, pp: int, vpp: int, n_microbatches: int) -> list[tuple[st
         )
     total = M * vpp
 
-    def op(kind: str, k: int) -> tuple[str, int, int]:
+    def op(kind: str, k: int) -> Op:
         group, within = divmod(k, pp * vpp)
         v = within // pp
         if kind == "B":
@@ -325,20 +333,45 @@ def schedule(rank: int, pp: int, vpp: int, n_microbatches: int) -> list[tuple[st
         return (kind, v * pp + rank, group * pp + within % pp)
 
     warmup = total if pp == M else min(total, 2 * (pp - rank - 1) + (vpp - 1) * pp)
-    ops = [op("F", k) for k in range(warmup)]
-    for i in range(total - warmup):
-        ops += [op("F", warmup + i), op("B", i)]
-    return ops + [op("B", k) for k in range(total - warmup, total)]
+    units = [[op("F", k)] for k in range(warmup)]
+    units += [[op("F", warmup + i), op("B", i)] for i in range(total - warmup)]
+    return units + [[op("B", k)] for k in range(total - warmup, total)]
 
 
-def forward_schedule(rank: int, pp: int, vpp: int, n_microbatches: int) -> list[tuple[str, int, int]]:
-    """The ordered ``("F", chunk, microbatch)`` ops of ``rank`` for a forward-only pass (evaluation).
+def schedule(rank: int, pp: int, vpp: int, n_microbatches: int) -> list[Op]:
+    """The ordered ``("F" | "B", chunk, microbatch)`` ops of ``rank``.
+
+    GPipe for ``vpp == 1`` (all forwards, then all backwards); otherwise interleaved 1F1B
+    (Megatron-LM's order: micro-batches in groups of ``pp``, warm-up of
+    ``2 (pp - rank - 1) + (vpp - 1) pp`` forwards, then one forward / one backward).
+    """
+    return [op for unit in schedule_units(rank, pp, vpp, n_microbatches) for op in unit]
+
+
+def op_messages(op: Op, n_chunks: int) -> tuple[list[tuple[int, Message]], list[tuple[int, Message]]]:
+    """What ``op`` receives before it runs and sends after: ``(peer chunk, message)`` lists.
+
+    A forward of chunk ``c`` receives over transition ``c`` from chunk ``c - 1`` and sends over
+    ``c + 1``; a backward receives the gradient over ``c + 1`` and sends it back over ``c``.
+    """
+    kind, c, m = op
+    if kind == "F":
+        recvs = [(c - 1, ("fwd", c, m))] if c > 0 else []
+        sends = [(c + 1, ("fwd", c + 1, m))] if c < n_chunks - 1 else []
+    else:
+        recvs = [(c + 1, ("bwd", c + 1, m))] if c < n_chunks - 1 else []
+        sends = [(c - 1, ("bwd", c, m))] if c > 0 else []
+    return recvs, sends
+
+
+def forward_schedule(rank: int, pp: int, vpp: int, n_microbatches: int) -> list[list[Op]]:
+    """The ``("F", chunk, microbatch)`` ops of ``rank`` for a forward-only pass (evaluation), one per unit.
 
     Micro-batch by micro-batch, each through this rank's chunks in order. Every rank follows the
     same ``(microbatch, chunk)`` order and ``("F", c, m)`` waits only on ``("F", c - 1, m)``, which
-    comes earlier in it, so blocking receives cannot deadlock; any number of micro-batches works.
+    comes earlier in it, so it cannot deadlock; any number of micro-batches works.
     """
-    return [("F", c, m) for m in range(n_microbatches) for c in range(rank, pp * vpp, pp)]
+    return [[("F", c, m)] for m in range(n_microbatches) for c in range(rank, pp * vpp, pp)]
 
 
 def pack(tensors: Sequence[Tensor]) -> Tensor:
@@ -370,26 +403,13 @@ class CommStats:
     records: list[CommRecord] = field(default_factory=list)
 
 
-def check_p2p_backend(backend: str, vpp: int) -> None:
-    """Refuse the interleaved schedule (``vpp > 1``) on backends other than gloo.
-
-    In interleaved 1F1B's steady state two neighbouring ranks each send before they receive from
-    the other (``tests/distributed/test_pipeline_split.py`` replays the order). gloo sends in the
-    background, so that is fine; NCCL matches a pair's sends and receives in order on one stream and
-    cannot finish a send larger than its buffers until the peer posts the receive, so the two sends
-    can wait on each other forever. GPipe (``vpp == 1``) and the forward-only schedule never cross.
-    """
-    if vpp > 1 and backend != "gloo":
-        raise ValueError(
-            f"the interleaved pipeline schedule (vpp={vpp}) runs only on the gloo backend, not "
-            f"{backend!r}: its steady state has neighbouring ranks send to each other before either "
-            "receives, which can deadlock NCCL for large activations. Use --parallel.vpp=1 (GPipe, "
-            "safe on NCCL) or train on CPU"
-        )
-
-
 class PipelineRunner:
     """Runs one rank's chunks through a training step with point-to-point ``torch.distributed`` ops.
+
+    Each communication unit's messages go out as one ``batch_isend_irecv`` (:func:`schedule_units`),
+    so the interleaved schedule cannot deadlock on NCCL either. Construction is a collective (a
+    barrier: NCCL requires the group's first collective to involve every rank, and the first batch
+    of point-to-point messages does not); with NCCL, call ``torch.cuda.set_device`` first.
 
     Args:
         chunks: this rank's chunks, in virtual-stage order (``split_model(..., rank=rank)``).
@@ -408,7 +428,6 @@ class PipelineRunner:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
         self.layout, self.cache, self.group = layout, cache, group
-        check_p2p_backend(dist.get_backend(group), layout.vpp)
         self.rank = dist.get_rank(group)
         if dist.get_world_size(group) != layout.pp:
             raise ValueError(
@@ -419,6 +438,7 @@ class PipelineRunner:
             raise ValueError(
                 f"rank {self.rank} must hold chunks {layout.chunks_of(self.rank)}, got {sorted(self.chunks)}"
             )
+        dist.barrier(group)
 
     def _peer(self, chunk: int) -> int:
         return (
@@ -427,14 +447,15 @@ class PipelineRunner:
             else self.layout.rank_of(chunk)
         )
 
-    def _tag(self, direction: int, transition: int, microbatch: int) -> int:
-        return (direction * self.layout.n_chunks + transition) * self._n_mb + microbatch
+    def _tag(self, message: Message) -> int:
+        direction, transition, microbatch = message
+        return ((direction == "bwd") * self.layout.n_chunks + transition) * self._n_mb + microbatch
 
-    def _send(
-        self, tensors: Sequence[Tensor], direction: str, transition: int, microbatch: int, dst_chunk: int
-    ) -> None:
+    def _send(self, tensors: Sequence[Tensor], message: Message, dst_chunk: int) -> None:
+        """Queue ``tensors`` as one message; it goes out with the unit's :meth:`_exchange`."""
         buf = pack(tensors)
         blocks = len(tensors) - 1 if self.layout.carries_blocks else 0
+        direction, transition, microbatch = message
         self.stats.records.append(
             CommRecord(
                 direction,
@@ -446,17 +467,47 @@ class PipelineRunner:
                 buf.numel() * buf.element_size(),
             )
         )
-        tag = self._tag(direction == "bwd", transition, microbatch)
-        self._pending_sends.append((dist.isend(buf, self._peer(dst_chunk), self.group, tag), buf))
+        self._outgoing.append((dst_chunk, message, buf))
 
-    def _recv(self, n: int, direction: str, transition: int, microbatch: int, src_chunk: int) -> list[Tensor]:
-        buf = torch.full(
-            (n, *self._act_shape), float("nan"), dtype=self._dtype, device=self._device
-        )  # NaN: a short receive shows
-        dist.recv(
-            buf, self._peer(src_chunk), self.group, self._tag(direction == "bwd", transition, microbatch)
-        )
-        return list(buf.unbind(0))
+    def _wire_tensors(self, transition: int) -> int:
+        """``[B, T, d]`` tensors per message over ``transition``: the blocks not cached, the partial."""
+        if not self.layout.carries_blocks:
+            return 1
+        return self.layout.blocks_out[transition - 1] + 1 - self.layout.known(transition, self.cache)
+
+    def _exchange(self, unit: list[Op], next_unit: list[Op]) -> None:
+        """Post ``unit``'s queued sends and ``next_unit``'s receives as one group, and wait for it.
+
+        The sends must be the ones :func:`op_messages` plans for ``unit``, in order: the schedule's
+        freedom from deadlock on NCCL, which matches a pair's messages in order, rests on it.
+        """
+        planned = [(chunk, msg) for op in unit for chunk, msg in op_messages(op, self.layout.n_chunks)[1]]
+        sent = [(chunk, msg) for chunk, msg, _ in self._outgoing]
+        if sent != planned:
+            raise RuntimeError(f"pipeline sent {sent} where the plan has {planned}")
+        p2p = [
+            dist.P2POp(dist.isend, buf, self._peer(chunk), self.group, self._tag(msg))
+            for chunk, msg, buf in self._outgoing
+        ]
+        for op in next_unit:
+            for chunk, msg in op_messages(op, self.layout.n_chunks)[0]:
+                # NaN-filled: a short receive shows
+                buf = torch.full(
+                    (self._wire_tensors(msg[1]), *self._act_shape),
+                    float("nan"),
+                    dtype=self._dtype,
+                    device=self._device,
+                )  # [n, B, T, d]
+                self._received[msg] = buf
+                p2p.append(dist.P2POp(dist.irecv, buf, self._peer(chunk), self.group, self._tag(msg)))
+        if p2p:
+            for work in dist.batch_isend_irecv(p2p):
+                work.wait()
+        self._outgoing = []
+
+    def _take(self, message: Message) -> list[Tensor]:
+        """The tensors of a message received by the last :meth:`_exchange`."""
+        return list(self._received.pop(message).unbind(0))
 
     def step(self, tokens: Tensor, targets: Tensor, n_microbatches: int) -> tuple[float, CommStats]:
         """Forward and backward of one batch; parameter gradients accumulate in the chunks.
@@ -465,19 +516,19 @@ class PipelineRunner:
         only the last chunk the targets). The loss is the mean over micro-batches of
         :func:`lm_loss`, which equals the full batch's loss, and is returned on every rank.
         """
-        ops = schedule(self.rank, self.layout.pp, self.layout.vpp, n_microbatches)
-        return self._run(ops, tokens, targets, n_microbatches)
+        units = schedule_units(self.rank, self.layout.pp, self.layout.vpp, n_microbatches)
+        return self._run(units, tokens, targets, n_microbatches)
 
     @torch.no_grad()
     def forward_loss(self, tokens: Tensor, targets: Tensor, n_microbatches: int) -> float:
         """The loss of one batch, forward only (evaluation); returned on every rank like :meth:`step`'s."""
-        ops = forward_schedule(self.rank, self.layout.pp, self.layout.vpp, n_microbatches)
-        return self._run(ops, tokens, targets, n_microbatches)[0]
+        units = forward_schedule(self.rank, self.layout.pp, self.layout.vpp, n_microbatches)
+        return self._run(units, tokens, targets, n_microbatches)[0]
 
     def _run(
-        self, ops: list[tuple[str, int, int]], tokens: Tensor, targets: Tensor, n_microbatches: int
+        self, units: list[list[Op]], tokens: Tensor, targets: Tensor, n_microbatches: int
     ) -> tuple[float, CommStats]:
-        """Execute ``ops``; without grad mode nothing is kept for a backward."""
+        """Execute the ops of ``units``; without grad mode nothing is kept for a backward."""
         layout, P, C, M = self.layout, self.layout.pp, self.layout.n_chunks, n_microbatches
         if tokens.shape[0] % M:
             raise ValueError(f"batch size {tokens.shape[0]} is not divisible by {M} micro-batches")
@@ -486,7 +537,7 @@ class PipelineRunner:
         param = next(some_chunk.parameters())
         self._n_mb, self._dtype, self._device = M, param.dtype, param.device
         self._act_shape = (tokens.shape[0] // M, tokens.shape[1], some_chunk.cfg.d_model)
-        self.stats, self._pending_sends = CommStats(), []
+        self.stats, self._outgoing, self._received = CommStats(), [], {}
         cache: dict[int, list[Tensor]] = {}  # micro-batch -> blocks leaving this rank's latest chunk
         inputs: dict[tuple[int, int], list[Tensor]] = {}  # (chunk, mb) -> input leaves
         outputs: dict[tuple[int, int], Any] = {}  # (chunk, mb) -> output tensors, or the loss
@@ -495,56 +546,56 @@ class PipelineRunner:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)  # NCCL needs it on the GPU
         keep = torch.is_grad_enabled()
 
-        for kind, c, m in ops:
-            if kind == "F":
-                if c == 0:
-                    leaves, inp = [], token_mbs[m]
-                else:
-                    k = layout.known(c, self.cache)
-                    n_wire = layout.blocks_out[c - 1] - k + 1 if layout.carries_blocks else 1
-                    wire = self._recv(n_wire, "fwd", c, m, c - 1)
-                    leaves = [t.detach().requires_grad_() for t in cache.get(m, [])[:k] + wire]
-                    inp = _unflatten(like, leaves)
-                out = self.chunks[c](inp)
-                if c == C - 1:
-                    out = lm_loss(out, target_mbs[m]) / M
-                    loss_sum += out.detach().double()
-                    cache.pop(m, None)
-                else:
-                    out = _flatten(out)
-                    if c + P < C:  # this rank runs the micro-batch again: keep its blocks
-                        cache[m] = out[:-1]
+        self._exchange([], units[0])
+        for u, unit in enumerate(units):
+            for kind, c, m in unit:
+                if kind == "F":
+                    if c == 0:
+                        leaves, inp = [], token_mbs[m]
                     else:
+                        k = layout.known(c, self.cache)
+                        wire = self._take(("fwd", c, m))
+                        leaves = [t.detach().requires_grad_() for t in cache.get(m, [])[:k] + wire]
+                        inp = _unflatten(like, leaves)
+                    out = self.chunks[c](inp)
+                    if c == C - 1:
+                        out = lm_loss(out, target_mbs[m]) / M
+                        loss_sum += out.detach().double()
                         cache.pop(m, None)
-                    self._send(out[layout.known(c + 1, self.cache) :], "fwd", c + 1, m, c + 1)
-                if keep:  # for the backward
-                    inputs[c, m], outputs[c, m] = leaves, out
-            else:
-                if c == C - 1:
-                    outputs.pop((c, m)).backward()
+                    else:
+                        out = _flatten(out)
+                        if c + P < C:  # this rank runs the micro-batch again: keep its blocks
+                            cache[m] = out[:-1]
+                        else:
+                            cache.pop(m, None)
+                        self._send(out[layout.known(c + 1, self.cache) :], ("fwd", c + 1, m), c + 1)
+                    if keep:  # for the backward
+                        inputs[c, m], outputs[c, m] = leaves, out
                 else:
-                    flat = outputs.pop((c, m))
-                    k_next = layout.known(c + 1, self.cache)
-                    grads: list[Tensor | None] = [None] * k_next + self._recv(
-                        len(flat) - k_next, "bwd", c + 1, m, c + 1
-                    )
-                    for i, g in enumerate(local_grads.pop((c, m), [])):  # from chunk c + P's cached reads
-                        grads[i] = g if grads[i] is None else grads[i] + g
-                    pairs = [
-                        (t, g) for t, g in zip(flat, grads, strict=True) if g is not None and t.requires_grad
-                    ]
-                    torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-                leaves = inputs.pop((c, m))
-                if c > 0:
-                    in_grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
-                    k = layout.known(c, self.cache)
-                    if k:
-                        local_grads[c - P, m] = in_grads[:k]
-                    self._send(in_grads[k:], "bwd", c, m, c - 1)
+                    if c == C - 1:
+                        outputs.pop((c, m)).backward()
+                    else:
+                        flat = outputs.pop((c, m))
+                        k_next = layout.known(c + 1, self.cache)
+                        grads: list[Tensor | None] = [None] * k_next + self._take(("bwd", c + 1, m))
+                        for i, g in enumerate(local_grads.pop((c, m), [])):  # from chunk c + P's cached reads
+                            grads[i] = g if grads[i] is None else grads[i] + g
+                        pairs = [
+                            (t, g)
+                            for t, g in zip(flat, grads, strict=True)
+                            if g is not None and t.requires_grad
+                        ]
+                        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+                    leaves = inputs.pop((c, m))
+                    if c > 0:
+                        in_grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+                        k = layout.known(c, self.cache)
+                        if k:
+                            local_grads[c - P, m] = in_grads[:k]
+                        self._send(in_grads[k:], ("bwd", c, m), c - 1)
+            self._exchange(unit, units[u + 1] if u + 1 < len(units) else [])
 
-        for work, _ in self._pending_sends:
-            work.wait()
-        if inputs or outputs or local_grads or cache:
+        if inputs or outputs or local_grads or cache or self._received:
             raise RuntimeError("pipeline step left unconsumed state; the schedule is inconsistent")
         dist.broadcast(loss_sum, self._peer(C - 1), self.group)
         return float(loss_sum), self.stats
