@@ -403,6 +403,21 @@ class CommStats:
     records: list[CommRecord] = field(default_factory=list)
 
 
+@dataclass
+class _Step:
+    """One step's micro-batches and the state its ops hand each other on this rank."""
+
+    tokens: tuple[Tensor, ...]  # M micro-batches [B/M, T]
+    targets: tuple[Tensor, ...]
+    like: Any  # a residual state of the scheme's type, for unflattening received tensors
+    loss_sum: Tensor
+    keep: bool  # grad mode: keep inputs and outputs for the backward
+    cache: dict[int, list[Tensor]] = field(default_factory=dict)  # mb -> blocks leaving the latest chunk
+    inputs: dict[tuple[int, int], list[Tensor]] = field(default_factory=dict)  # (chunk, mb) -> input leaves
+    outputs: dict[tuple[int, int], Any] = field(default_factory=dict)  # (chunk, mb) -> outputs, or the loss
+    local_grads: dict[tuple[int, int], list[Tensor]] = field(default_factory=dict)  # grads of cached blocks
+
+
 class PipelineRunner:
     """Runs one rank's chunks through a training step with point-to-point ``torch.distributed`` ops.
 
@@ -529,76 +544,77 @@ class PipelineRunner:
         self, units: list[list[Op]], tokens: Tensor, targets: Tensor, n_microbatches: int
     ) -> tuple[float, CommStats]:
         """Execute the ops of ``units``; without grad mode nothing is kept for a backward."""
-        layout, P, C, M = self.layout, self.layout.pp, self.layout.n_chunks, n_microbatches
+        M = n_microbatches
         if tokens.shape[0] % M:
             raise ValueError(f"batch size {tokens.shape[0]} is not divisible by {M} micro-batches")
-        token_mbs, target_mbs = tokens.chunk(M), targets.chunk(M)
         some_chunk = next(iter(self.chunks.values()))
         param = next(some_chunk.parameters())
         self._n_mb, self._dtype, self._device = M, param.dtype, param.device
         self._act_shape = (tokens.shape[0] // M, tokens.shape[1], some_chunk.cfg.d_model)
         self.stats, self._outgoing, self._received = CommStats(), [], {}
-        cache: dict[int, list[Tensor]] = {}  # micro-batch -> blocks leaving this rank's latest chunk
-        inputs: dict[tuple[int, int], list[Tensor]] = {}  # (chunk, mb) -> input leaves
-        outputs: dict[tuple[int, int], Any] = {}  # (chunk, mb) -> output tensors, or the loss
-        local_grads: dict[tuple[int, int], list[Tensor]] = {}  # (chunk, mb) -> grads of its cached blocks
-        like = self._state_template()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)  # NCCL needs it on the GPU
-        keep = torch.is_grad_enabled()
-
+        step = _Step(
+            tokens=tokens.chunk(M),
+            targets=targets.chunk(M),
+            like=self._state_template(),
+            loss_sum=torch.zeros((), dtype=torch.float64, device=self._device),  # NCCL: on the GPU
+            keep=torch.is_grad_enabled(),
+        )
         self._exchange([], units[0])
         for u, unit in enumerate(units):
             for kind, c, m in unit:
-                if kind == "F":
-                    if c == 0:
-                        leaves, inp = [], token_mbs[m]
-                    else:
-                        k = layout.known(c, self.cache)
-                        wire = self._take(("fwd", c, m))
-                        leaves = [t.detach().requires_grad_() for t in cache.get(m, [])[:k] + wire]
-                        inp = _unflatten(like, leaves)
-                    out = self.chunks[c](inp)
-                    if c == C - 1:
-                        out = lm_loss(out, target_mbs[m]) / M
-                        loss_sum += out.detach().double()
-                        cache.pop(m, None)
-                    else:
-                        out = _flatten(out)
-                        if c + P < C:  # this rank runs the micro-batch again: keep its blocks
-                            cache[m] = out[:-1]
-                        else:
-                            cache.pop(m, None)
-                        self._send(out[layout.known(c + 1, self.cache) :], ("fwd", c + 1, m), c + 1)
-                    if keep:  # for the backward
-                        inputs[c, m], outputs[c, m] = leaves, out
-                else:
-                    if c == C - 1:
-                        outputs.pop((c, m)).backward()
-                    else:
-                        flat = outputs.pop((c, m))
-                        k_next = layout.known(c + 1, self.cache)
-                        grads: list[Tensor | None] = [None] * k_next + self._take(("bwd", c + 1, m))
-                        for i, g in enumerate(local_grads.pop((c, m), [])):  # from chunk c + P's cached reads
-                            grads[i] = g if grads[i] is None else grads[i] + g
-                        pairs = [
-                            (t, g)
-                            for t, g in zip(flat, grads, strict=True)
-                            if g is not None and t.requires_grad
-                        ]
-                        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-                    leaves = inputs.pop((c, m))
-                    if c > 0:
-                        in_grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
-                        k = layout.known(c, self.cache)
-                        if k:
-                            local_grads[c - P, m] = in_grads[:k]
-                        self._send(in_grads[k:], ("bwd", c, m), c - 1)
+                (self._forward if kind == "F" else self._backward)(step, c, m)
             self._exchange(unit, units[u + 1] if u + 1 < len(units) else [])
 
-        if inputs or outputs or local_grads or cache or self._received:
+        if step.inputs or step.outputs or step.local_grads or step.cache or self._received:
             raise RuntimeError("pipeline step left unconsumed state; the schedule is inconsistent")
-        dist.broadcast(loss_sum, self._peer(C - 1), self.group)
-        return float(loss_sum), self.stats
+        dist.broadcast(step.loss_sum, self._peer(self.layout.n_chunks - 1), self.group)
+        return float(step.loss_sum), self.stats
+
+    def _forward(self, step: _Step, c: int, m: int) -> None:
+        """Chunk ``c`` on micro-batch ``m``: input from the wire and the cache, output queued to send."""
+        layout, C = self.layout, self.layout.n_chunks
+        if c == 0:
+            leaves, inp = [], step.tokens[m]
+        else:
+            k = layout.known(c, self.cache)
+            wire = self._take(("fwd", c, m))
+            leaves = [t.detach().requires_grad_() for t in step.cache.get(m, [])[:k] + wire]
+            inp = _unflatten(step.like, leaves)
+        out = self.chunks[c](inp)
+        if c == C - 1:
+            out = lm_loss(out, step.targets[m]) / len(step.tokens)
+            step.loss_sum += out.detach().double()
+            step.cache.pop(m, None)
+        else:
+            out = _flatten(out)
+            if c + layout.pp < C:  # this rank runs the micro-batch again: keep its blocks
+                step.cache[m] = out[:-1]
+            else:
+                step.cache.pop(m, None)
+            self._send(out[layout.known(c + 1, self.cache) :], ("fwd", c + 1, m), c + 1)
+        if step.keep:  # for the backward
+            step.inputs[c, m], step.outputs[c, m] = leaves, out
+
+    def _backward(self, step: _Step, c: int, m: int) -> None:
+        """Backward of chunk ``c`` on micro-batch ``m``; input gradients queued or kept for the cache."""
+        layout = self.layout
+        if c == layout.n_chunks - 1:
+            step.outputs.pop((c, m)).backward()
+        else:
+            flat = step.outputs.pop((c, m))
+            k_next = layout.known(c + 1, self.cache)
+            grads: list[Tensor | None] = [None] * k_next + self._take(("bwd", c + 1, m))
+            for i, g in enumerate(step.local_grads.pop((c, m), [])):  # from chunk c + P's cached reads
+                grads[i] = g if grads[i] is None else grads[i] + g
+            pairs = [(t, g) for t, g in zip(flat, grads, strict=True) if g is not None and t.requires_grad]
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        leaves = step.inputs.pop((c, m))
+        if c > 0:
+            in_grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+            k = layout.known(c, self.cache)
+            if k:
+                step.local_grads[c - layout.pp, m] = in_grads[:k]
+            self._send(in_grads[k:], ("bwd", c, m), c - 1)
 
     def _state_template(self) -> Any:
         any_chunk = next(iter(self.chunks.values()))
