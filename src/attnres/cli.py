@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from attnres.configs import ConfigError, apply_overrides
+
+if TYPE_CHECKING:
+    from attnres.train.config import TrainConfig
 
 
 def parse_overrides(extra: list[str]) -> dict[str, str]:
@@ -34,7 +38,7 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
     return overrides
 
 
-def _config(preset: str, extra: list[str]):
+def _config(preset: str, extra: list[str]) -> TrainConfig:
     from attnres.train import get_preset
 
     return apply_overrides(get_preset(preset), parse_overrides(extra))
@@ -47,30 +51,22 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
 
     from attnres.train import train
     from attnres.train.checkpoint import load_config
+    from attnres.train.config import RESUME_MAY_CHANGE, resume_conflicts
 
     if args.resume:
         cfg = load_config(args.out)
         if args.preset or extra:
-            wanted = _config(args.preset or "quick", extra)
-            diff = _diff(
-                dataclasses.asdict(cfg),
-                dataclasses.asdict(wanted),
-                # checkpoints resume under another parallel layout (attnres.train.engine)
-                ignore={
-                    "train.steps",
-                    "train.progress",
-                    *(f"parallel.{k}" for k in dataclasses.asdict(cfg.parallel)),
-                },
+            requested = (
+                _config(args.preset, extra) if args.preset else apply_overrides(cfg, parse_overrides(extra))
             )
-            if args.preset and diff:
+            diff = resume_conflicts(cfg, requested)
+            if diff:
                 raise ConfigError(
-                    f"--resume: the saved config differs from the requested one at {', '.join(diff)}"
+                    f"--resume continues the saved run; it cannot change {', '.join(diff)}. On resume only "
+                    f"{', '.join(sorted(k for k in RESUME_MAY_CHANGE if k.startswith('train.')))} and "
+                    "parallel.* may differ; start a new run (another --out) to change the rest"
                 )
-            cfg = (
-                dataclasses.replace(cfg, train=wanted.train, parallel=wanted.parallel)
-                if args.preset
-                else apply_overrides(cfg, parse_overrides(extra))
-            )
+            cfg = dataclasses.replace(cfg, train=requested.train, parallel=requested.parallel)
     else:
         cfg = _config(args.preset or "quick", extra)
     result = train(cfg, args.out, resume=args.resume)
@@ -85,17 +81,6 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
             f"final validation loss {result.final_val_loss:.4f} after {result.steps} steps "
             f"({result.tokens_per_s:,.0f} tokens/s, {result.seconds:.1f} s); run in {args.out}"
         )
-
-
-def _diff(a: dict, b: dict, ignore: set[str], prefix: str = "") -> list[str]:
-    out = []
-    for k in a:
-        key = prefix + k
-        if isinstance(a[k], dict):
-            out += _diff(a[k], b[k], ignore, key + ".")
-        elif a[k] != b[k] and key not in ignore:
-            out.append(key)
-    return out
 
 
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:

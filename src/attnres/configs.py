@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -116,3 +117,20 @@ def apply_overrides(cfg: T, overrides: dict[str, str]) -> T:
             node = node[part]
         node[leaf] = _coerce(raw, _field_types(node_cls)[leaf], dotted)
     return from_dict(type(cfg), data)
+
+
+def config_diff(a: Any, b: Any, ignore: Iterable[str] = ()) -> list[str]:
+    """Dotted keys (``"optim.lr"``) where dataclass configs ``a`` and ``b`` differ, except ``ignore``."""
+    skip = set(ignore)
+
+    def walk(x: dict[str, Any], y: dict[str, Any], prefix: str) -> list[str]:
+        out = []
+        for k in x:
+            key = prefix + k
+            if isinstance(x[k], dict):
+                out += walk(x[k], y[k], key + ".")
+            elif x[k] != y[k] and key not in skip:
+                out.append(key)
+        return out
+
+    return walk(dataclasses.asdict(a), dataclasses.asdict(b), "")

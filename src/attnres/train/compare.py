@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from attnres.residuals import variant_names
-from attnres.train.config import TrainConfig
+from attnres.train.checkpoint import load_config
+from attnres.train.config import TrainConfig, resume_conflicts
 from attnres.train.loop import RunResult, train
 
 
@@ -27,6 +28,9 @@ def parse_variants(spec: str) -> list[str]:
         raise ValueError(
             f"unknown variant(s) {unknown or spec!r}; valid variants: {', '.join(variant_names())}"
         )
+    twice = sorted({v for v in names if names.count(v) > 1})
+    if twice:  # one run directory per variant and seed: a repeat would train into the same one
+        raise ValueError(f"variant(s) listed more than once: {', '.join(twice)}")
     return names
 
 
@@ -36,6 +40,27 @@ def _variant_config(base: TrainConfig, variant: str, seed: int, threads: int | N
     if threads is not None:  # parallel runs: split the cores, no interleaved progress bars
         loop = dataclasses.replace(loop, threads=threads, progress=False)
     return dataclasses.replace(base, model=dataclasses.replace(base.model, residual=residual), train=loop)
+
+
+def _saved_result(cfg: TrainConfig, run_dir: Path) -> RunResult | None:
+    """The result of a run ``compare`` finished earlier with ``cfg``; ``None`` if it must (re)train.
+
+    A run directory trained with another config (other hyperparameters, data, model) is refused:
+    reusing it would mix configs in one table. It may differ in how long it ran: fewer steps than
+    ``cfg`` continue from its checkpoint.
+    """
+    if not (run_dir / "checkpoint").exists():
+        return None
+    saved = load_config(run_dir)
+    conflicts = resume_conflicts(saved, cfg)
+    if conflicts:
+        raise ValueError(
+            f"{run_dir} was trained with a different config ({', '.join(conflicts)} differ); "
+            "choose another --out, or delete that run directory to retrain it"
+        )
+    if saved.train.steps == cfg.train.steps and (run_dir / "result.json").exists():
+        return RunResult(**json.loads((run_dir / "result.json").read_text()))
+    return None
 
 
 def _train_run(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] = print) -> RunResult:
@@ -70,8 +95,8 @@ def compare(
     """
     from attnres.analysis.plots import plot_loss_curves
 
-    if jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if jobs < 1 or seeds < 1:
+        raise ValueError(f"--jobs and --seeds must be >= 1, got {jobs} and {seeds}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     threads = None
@@ -82,9 +107,10 @@ def compare(
     for variant in variants:
         for seed in range(seeds):
             run_dir = out / run_name(variant, seed)
-            if (run_dir / "result.json").exists():
+            saved = _saved_result(_variant_config(base, variant, seed, threads), run_dir)
+            if saved is not None:
                 log(f"{run_dir.name}: finished earlier, reusing its result")
-                done[variant, seed] = RunResult(**json.loads((run_dir / "result.json").read_text()))
+                done[variant, seed] = saved
             else:
                 pending.append((variant, seed))
     if jobs == 1:

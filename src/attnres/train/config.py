@@ -5,8 +5,10 @@ Override any leaf from the command line as ``--section.key=value`` (``--model.re
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+from attnres.configs import config_diff
 from attnres.model import ModelConfig
 
 CORPORA = ("shakespeare", "torch", "text")
@@ -230,3 +232,24 @@ class TrainConfig:
                 f"{self.parallel.n_microbatches} pipeline micro-batches; make parallel.microbatches "
                 "(default: parallel.pp) a divisor of the batch size"
             )
+
+
+#: what a resumed run may change besides the parallel layout (``parallel.*``): how long and where
+#: it runs, never what it trains (the optimiser's hyperparameters come back with its state anyway).
+#: ``model.vocab_size`` is the tokenizer's, fixed when the run started.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "train.steps",
+        "train.progress",
+        "train.threads",
+        "train.device",
+        "train.checkpoint_every",
+        "model.vocab_size",
+    }
+)
+
+
+def resume_conflicts(saved: TrainConfig, requested: TrainConfig) -> list[str]:
+    """Dotted keys where ``requested`` changes what the saved run trains (empty: it may resume)."""
+    layout = {f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)}
+    return config_diff(saved, requested, RESUME_MAY_CHANGE | layout)

@@ -45,6 +45,8 @@ def model_flops_per_token(model: Transformer) -> float:
     """Training FLOPs per token: ``6 * (non-embedding params)`` plus causal attention scores."""
     cfg = model.cfg
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed."))
+    if cfg.tie_embeddings:  # the LM head is the embedding matrix, listed once, as embed.weight
+        params += cfg.vocab_size * cfg.d_model
     attention = 6 * cfg.n_layers * cfg.seq_len * cfg.d_model  # QK^T and AV, causal half, fwd + bwd
     return 6.0 * params + attention
 
@@ -147,6 +149,14 @@ def train(
         engine.load_optimizer_state(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         start = state["step"]
+        if start > loop.steps:
+            raise ValueError(
+                f"--resume: {out} is at step {start}, past train.steps={loop.steps}; a run cannot be "
+                f"shortened (pass --train.steps > {start} to continue it)"
+            )
+        if start == loop.steps and (out / "result.json").exists():
+            log(f"{out} finished all {start} steps earlier; nothing to train")
+            return RunResult(**json.loads((out / "result.json").read_text()))
         log(f"resumed {out} at step {start}")
     elif env.is_main:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -159,9 +169,12 @@ def train(
 
     metrics_path = out / "metrics.jsonl"
     # drop records past the checkpoint (written before a crash)
+    loss_value, val_loss = math.nan, math.nan
     if env.is_main and resume and metrics_path.exists():
         kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= start]
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        if kept:  # the result of a run that ends right here (it stopped before writing result.json)
+            loss_value = json.loads(kept[-1])["loss"]
     metrics = metrics_path.open("a") if env.is_main else None
 
     def checkpoint(step: int) -> None:
@@ -181,7 +194,7 @@ def train(
         unit="step",
         dynamic_ncols=True,
     )
-    loss_value, val_loss, timed_s, timed_steps = math.nan, math.nan, 0.0, 0
+    timed_s, timed_steps = 0.0, 0
     t_run = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
@@ -211,7 +224,7 @@ def train(
     bar.close()
     if metrics is not None:
         metrics.close()
-    if math.isnan(val_loss) and end > start:
+    if math.isnan(val_loss):
         val_loss = engine.evaluate(val_batches)
     tokens_per_s = tokens_per_step * timed_steps / timed_s if timed_s else math.nan
     result = RunResult(
