@@ -76,3 +76,10 @@ def test_tied_embeddings_count_the_lm_head_flops() -> None:
     cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, seq_len=16)
     tied = ModelConfig(**{**cfg.__dict__, "tie_embeddings": True})
     assert model_flops_per_token(Transformer(tied)) == model_flops_per_token(Transformer(cfg))
+
+
+@pytest.mark.parametrize("key", ["optim.lr", "optim.grad_clip", "optim.beta2"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_optimiser_settings_are_refused(key: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{key} must be a finite number"):
+        apply_overrides(get_preset("tiny"), {key: value})

@@ -6,6 +6,7 @@ Override any leaf from the command line as ``--section.key=value`` (``--model.re
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from attnres.configs import config_diff
@@ -87,6 +88,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _choice("optim", "name", self.name, OPTIMIZERS)
+        for name in ("lr", "muon_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                raise ValueError(f"optim.{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.muon_lr <= 0:
             raise ValueError("optim.lr and optim.muon_lr must be > 0")
         if self.grad_clip < 0 or self.weight_decay < 0:
