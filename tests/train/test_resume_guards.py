@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -83,3 +84,19 @@ def test_tied_embeddings_count_the_lm_head_flops() -> None:
 def test_non_finite_optimiser_settings_are_refused(key: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"{key} must be a finite number"):
         apply_overrides(get_preset("tiny"), {key: value})
+
+
+@pytest.mark.parametrize("tmp_complete", [True, False])
+def test_a_checkpoint_swap_stopped_halfway_is_finished_not_lost(tmp_path, cache_dir, tmp_complete) -> None:
+    cfg = _tiny(cache_dir)
+    train(_tiny(cache_dir, steps=2), tmp_path / "run", log=lambda _: None)
+    run = tmp_path / "run"
+    # save_checkpoint stopped between moving the old checkpoint aside and moving the new one in
+    shutil.copytree(run / "checkpoint", run / ".checkpoint.tmp")
+    (run / "checkpoint").rename(run / ".checkpoint.old")
+    if not tmp_complete:  # stopped while still writing the new one: the old one is put back
+        (run / ".checkpoint.tmp" / "trainer_state.pt").unlink()
+    result = train(cfg, run, resume=True, log=lambda _: None)
+    assert result.steps == 4
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -30,6 +30,22 @@ from attnres.train.config import TrainConfig
 from attnres.train.data import Tokenizer
 
 CHECKPOINT_DIR = "checkpoint"
+_TMP, _OLD = f".{CHECKPOINT_DIR}.tmp", f".{CHECKPOINT_DIR}.old"  # the two sides of a checkpoint swap
+_WRITTEN_LAST = "trainer_state.pt"  # a checkpoint folder holding it is complete
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir/checkpoint`` exists, after finishing a checkpoint swap a crash interrupted.
+
+    :func:`save_checkpoint` moves the old checkpoint aside, then the new, complete one into place.
+    Stopped in between, the run holds ``.checkpoint.tmp`` (complete) and ``.checkpoint.old``, and
+    no ``checkpoint``: the newer one is put in place, so the run resumes instead of looking lost.
+    """
+    run = Path(run_dir)
+    final, tmp, old = (run / name for name in (CHECKPOINT_DIR, _TMP, _OLD))
+    if not final.exists() and old.exists():
+        (tmp if (tmp / _WRITTEN_LAST).is_file() else old).rename(final)
+    return final.exists()
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -37,6 +53,7 @@ def checkpoint_path(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint path {p} does not exist")
+    has_checkpoint(p)
     for candidate in (p, p / CHECKPOINT_DIR):
         if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
             return candidate
@@ -54,15 +71,14 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
 ) -> Path:
     """Write ``out_dir/checkpoint`` atomically and return its path."""
-    final = Path(out_dir) / CHECKPOINT_DIR
-    tmp = Path(out_dir) / f".{CHECKPOINT_DIR}.tmp"
+    has_checkpoint(out_dir)  # an interrupted swap is finished before this one starts
+    final, tmp, old = (Path(out_dir) / name for name in (CHECKPOINT_DIR, _TMP, _OLD))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     st_save_model(model, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     tokenizer.save(tmp / "tokenizer.json")
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    old = Path(out_dir) / f".{CHECKPOINT_DIR}.old"
+    torch.save(trainer_state, tmp / _WRITTEN_LAST)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from attnres.residuals import variant_names
-from attnres.train.checkpoint import load_config
+from attnres.train.checkpoint import has_checkpoint, load_config
 from attnres.train.config import TrainConfig, resume_conflicts
 from attnres.train.loop import RunResult, train
 
@@ -49,7 +49,7 @@ def _saved_result(cfg: TrainConfig, run_dir: Path) -> RunResult | None:
     reusing it would mix configs in one table. It may differ in how long it ran: fewer steps than
     ``cfg`` continue from its checkpoint.
     """
-    if not (run_dir / "checkpoint").exists():
+    if not has_checkpoint(run_dir):
         return None
     saved = load_config(run_dir)
     conflicts = resume_conflicts(saved, cfg)
@@ -69,7 +69,7 @@ def _train_run(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] = pri
     A run interrupted before its first checkpoint has nothing to continue from: its partial
     metrics are discarded and it starts over.
     """
-    resume = (run_dir / "checkpoint").exists()
+    resume = has_checkpoint(run_dir)
     if run_dir.exists() and not resume:
         log(f"{run_dir.name}: interrupted before its first checkpoint, starting it over")
         shutil.rmtree(run_dir)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from attnres.distributed.data_parallel import init_distributed
 from attnres.model import Transformer
-from attnres.train.checkpoint import CHECKPOINT_DIR, load_model, load_trainer_state, save_checkpoint
+from attnres.train.checkpoint import has_checkpoint, load_model, load_trainer_state, save_checkpoint
 from attnres.train.config import TrainConfig
 from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
 from attnres.train.engine import ReplicatedEngine, build_engine, check_world_size
@@ -91,8 +91,9 @@ def _device(name: str) -> torch.device:
 
 
 def _check_out_dir(out: Path, resume: bool) -> None:
-    has_run = (out / "config.json").exists() or (out / CHECKPOINT_DIR).exists()
-    if resume and not (out / CHECKPOINT_DIR).exists():
+    checkpointed = out.exists() and has_checkpoint(out)
+    has_run = (out / "config.json").exists() or checkpointed
+    if resume and not checkpointed:
         raise FileNotFoundError(f"--resume: {out} has no checkpoint to resume from")
     if not resume and has_run:
         raise FileExistsError(
