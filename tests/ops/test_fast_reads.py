@@ -292,19 +292,30 @@ def test_native_build_failure_falls_back_with_one_warning(monkeypatch: pytest.Mo
         fused_depth_read(sources, q, gain)  # no second warning
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_native_kernels_any_thread_count(threads: int) -> None:
-    """The native backward sums per-chunk query gradients; every chunk split gives the reference."""
-    sources = make_sources(4, 14, 64, torch.float32)  # 28 tokens: chunks of 16 against splits of 14
+def _native_grads(threads: int, tokens: int) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    sources = make_sources(4, tokens, 64, torch.float32)
     q, gain = make_query_gain(64)
-    grad_out = torch.randn(2, 14, 64)
-    ref = torch.autograd.grad(depth_read(sources, q, gain), [*sources, q, gain], grad_out)
+    grad_out = torch.randn(2, tokens, 64)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with use_kernels("native"):
-            got = torch.autograd.grad(fused_depth_read(sources, q, gain), [*sources, q, gain], grad_out)
+            return torch.autograd.grad(fused_depth_read(sources, q, gain), [*sources, q, gain], grad_out)
     finally:
         torch.set_num_threads(before)
-    for i, (g, rg) in enumerate(zip(got, ref, strict=True)):
-        assert_close(f"grad {i} with {threads} threads", g, rg, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("tokens", [14, 101])  # 2×101 tokens: chunks of 64, the last one short
+def test_native_kernels_any_thread_count(tokens: int) -> None:
+    """The native backward sums per-chunk query gradients over fixed chunks: the reference's
+    gradients, and bitwise the same ones with 1, 2 or 3 threads."""
+    torch.manual_seed(0)
+    sources = make_sources(4, tokens, 64, torch.float32)
+    q, gain = make_query_gain(64)
+    ref = torch.autograd.grad(depth_read(sources, q, gain), [*sources, q, gain], torch.randn(2, tokens, 64))
+    one = _native_grads(1, tokens)
+    for i, (g, rg) in enumerate(zip(one, ref, strict=True)):
+        assert_close(f"grad {i}", g, rg, TOL[torch.float32])
+    for threads in (2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(_native_grads(threads, tokens), one, strict=True))

@@ -85,10 +85,13 @@ def test_stack_refuses_overflow() -> None:
 def test_scheme_inference_matches_reference(
     dtype: torch.dtype, variant: str, n_sublayers: int, block_size: int | None
 ) -> None:
-    """Without gradients, two-phase runs on the stack and equals per-read reference reads."""
+    """Without gradients, two-phase runs on the stack and equals per-read reference reads, also
+    for an embedding that is a strided view (a sequence-first layout, transposed)."""
     model = ToyStack(variant, 100, n_sublayers, block_size, dtype)
-    for t in (1, 7):
+    for t, transposed in ((1, False), (7, False), (7, True)):
         x = torch.randn(2, t, 100, dtype=torch.float64).to(dtype)
+        if transposed:
+            x = x.transpose(0, 1).contiguous().transpose(0, 1)  # [2, T, d] values, [T, 2, d] memory
         with use_impl("reference"):
             ref = model(x)
         with use_impl("two_phase"):

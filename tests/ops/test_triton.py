@@ -114,6 +114,24 @@ def test_attend_matches_torch(dtype: torch.dtype, n: int, t: int, d: int, s: int
         assert_close(name, g, rg, tol)
 
 
+def test_attend_reads_strided_queries() -> None:
+    """``depth_attend`` is public: queries ``[S, d]`` laid out column-major give the same answer."""
+    n, t, d, s = 10, 3, 100, 3
+    sources = leaves_on_device(*make_sources(n, t, d, torch.float64))
+    rstd = leaves_on_device(*(source_rstd(v, 1e-6) for v in sources))
+    (queries,) = leaves_on_device(make_query_gain(d, s)[0].double())
+    strided = queries.t().contiguous().t()  # [S, d] values, [d, S] memory
+    assert not strided.is_contiguous()
+    grad_outs = [randn(2, t, d, dtype=torch.float64, seed=2 + i) for i in range(s)]
+    *ref_outs, _ = _DepthAttend.apply(queries, False, n, *sources, *rstd)
+    ref_grad = grads(ref_outs, [queries], grad_outs)[0]
+    with use_kernels("triton"):
+        outs, _ = depth_attend(sources, rstd, strided)
+    for i, (o, ro) in enumerate(zip(outs, ref_outs, strict=True)):
+        assert_close(f"output {i}", o, ro, TOL[torch.float64])
+    assert_close("d queries", grads(list(outs), [queries], grad_outs)[0], ref_grad, TOL[torch.float64])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("n", "t", "d"), [(1, 7, 32), (2, 1, 100), (5, 7, 100), (33, 7, 32), (9, 1, 1168)])
 def test_read_matches_reference(dtype: torch.dtype, n: int, t: int, d: int) -> None:

@@ -38,7 +38,6 @@ class SourceStack:
 
     def __init__(self, like: Tensor, capacity: int) -> None:
         dtype = stats_dtype(like.dtype)
-        self.shape = like.shape
         tokens = like.numel() // like.shape[-1]
         self.values = like.new_empty((capacity, tokens, like.shape[-1]), dtype=dtype)
         self.rstd = like.new_empty((capacity, tokens, 1), dtype=dtype)
@@ -48,8 +47,9 @@ class SourceStack:
         """Append a completed source ``[..., d]`` and its statistic ``[...]``."""
         if self.size == self.values.shape[0]:
             raise RuntimeError(f"the source stack is full ({self.size} sources)")
-        self.values[self.size].copy_(v.view(self.values.shape[1:]))
-        self.rstd[self.size].copy_(rstd.view(self.rstd.shape[1:]))
+        # reshape, not view: a source may be a strided view (a sequence-first layout transposed)
+        self.values[self.size].copy_(v.reshape(self.values.shape[1:]))
+        self.rstd[self.size].copy_(rstd.reshape(self.rstd.shape[1:]))
         self.size += 1
 
 

@@ -228,8 +228,10 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& sources, const s
     dsrc[j] = new_output({m, d}, sources[j].options());
     drstd[j] = new_output({m}, queries.options());
   }
-  // Per-chunk partial query gradients, summed at the end (no shared writes across threads).
-  const int64_t grain = std::max<int64_t>(16, (m + at::get_num_threads() - 1) / at::get_num_threads());
+  // Per-chunk partial query gradients, summed at the end (no shared writes across threads). The
+  // chunk size is fixed, not derived from the thread count, so the partials and their sum are the
+  // same on every machine: gradients are bitwise independent of the number of threads.
+  constexpr int64_t grain = 64;
   auto dq_parts = at::zeros({(m + grain - 1) / grain, s, d}, queries.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sources[0].scalar_type(), "depth_attend_bwd",
                                   [&] {

@@ -52,6 +52,7 @@ class _TritonDepthAttend(torch.autograd.Function):
     def forward(ctx, queries: Tensor, n_src: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         sources = [v.contiguous() for v in tensors[:n_src]]  # no copy for the usual contiguous source
         rstd = [r.contiguous() for r in tensors[n_src:]]
+        queries = queries.contiguous()  # the kernels index rows of d
         shape, d = sources[0].shape, sources[0].shape[-1]
         m, n_q, cd, dev = sources[0].numel() // d, queries.shape[0], queries.dtype, queries.device
         meta = _attend_meta(d, n_q)
@@ -145,7 +146,7 @@ class _TritonMerge(torch.autograd.Function):
     def forward(ctx, o: Tensor, lse: Tensor, p: Tensor, r_p: Tensor, q: Tensor) -> Tensor:
         d, cd, dev = p.shape[-1], q.dtype, p.device
         m = p.numel() // d
-        o, lse, p, r_p = o.contiguous(), lse.contiguous(), p.contiguous(), r_p.contiguous()
+        o, lse, p, r_p, q = o.contiguous(), lse.contiguous(), p.contiguous(), r_p.contiguous(), q.contiguous()
         meta = _merge_meta(d)
         out = _empty(p.shape, p.dtype, dev)
         # p − h cancels when σ → 1, so a low-precision stream keeps the unrounded h for backward
