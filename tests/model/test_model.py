@@ -84,9 +84,12 @@ def test_token_id_out_of_vocab_is_a_clear_error() -> None:
         model(torch.tensor([[-1, 2]]))
 
 
-def test_too_long_sequence_is_a_clear_error() -> None:
+def test_too_long_or_empty_sequences_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="exceeds model.seq_len=16"):
         Transformer(small())(torch.zeros(1, 17, dtype=torch.long))
+    for shape in ((1, 0), (0, 5)):
+        with pytest.raises(ValueError, match="at least one sequence of one token"):
+            Transformer(small())(torch.zeros(shape, dtype=torch.long))
 
 
 @pytest.mark.parametrize(

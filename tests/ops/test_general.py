@@ -10,7 +10,7 @@ from attnres.ops.reference import depth_read, depth_weights
 
 
 def _inputs(d, T, n=4, dtype=torch.float32, seed=0):
-    # fp32: the reference reads compute in fp32 whatever the input dtype
+    # the reads compute in fp32 for fp32/bf16 inputs and in fp64 for fp64 ones
     g = torch.Generator().manual_seed(seed)
     sources = [torch.randn(2, T, d, generator=g, dtype=dtype).requires_grad_() for _ in range(n)]
     query = torch.randn(d, generator=g, dtype=dtype).requires_grad_()
@@ -20,6 +20,18 @@ def _inputs(d, T, n=4, dtype=torch.float32, seed=0):
 
 def _grads(out, params):
     return torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), params)
+
+
+def test_fp64_reads_keep_fp64() -> None:
+    """In fp64 the ablation read is the reference read to rounding (it used to drop to fp32: 6.5e-7)."""
+    sources, query, gain = _inputs(100, 3, n=7, dtype=torch.float64)
+    out, _ = general_depth_read(sources, query, gain)
+    torch.testing.assert_close(out, depth_read(sources, query, gain), rtol=1e-13, atol=1e-13)
+    logits = torch.randn(7, dtype=torch.float64)
+    mixed, weights = general_depth_read(sources, None, None, logits=logits)
+    assert weights.dtype == torch.float64
+    expected = sum(w * v for w, v in zip(logits.softmax(0), sources, strict=True))
+    torch.testing.assert_close(mixed, expected, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("d", [32, 100])

@@ -32,6 +32,24 @@ def test_sinkhorn_converges_slowly_for_a_wide_dynamic_range():
     assert cols > 1e-2
 
 
+def test_sinkhorn_stays_finite_when_a_column_underflows():
+    """A column ~120 below the rest is exp-underflow zeros: finite rows summing to 1, no 0/0 NaN."""
+    logits = torch.zeros(4, 4, requires_grad=True)
+    shifted = logits + torch.tensor([0.0, 0.0, 0.0, -120.0])  # column 3
+    m = sinkhorn(shifted, 20)
+    assert torch.isfinite(m).all() and (m[:, 3] == 0).all()
+    torch.testing.assert_close(m.sum(-1), torch.ones(4))
+    m.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    g = torch.Generator().manual_seed(1)
+    ordinary = torch.randn(64, 4, 4, generator=g)  # no sum underflows: the guard changes nothing
+    reference = torch.exp(ordinary - ordinary.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(20):  # the unguarded iteration
+        reference = reference / reference.sum(-2, keepdim=True)
+        reference = reference / reference.sum(-1, keepdim=True)
+    assert torch.equal(sinkhorn(ordinary, 20), reference)
+
+
 def test_sinkhorn_is_fp32_for_bf16_input():
     assert sinkhorn(torch.zeros(3, 3, dtype=torch.bfloat16), 20).dtype == torch.float32
 

@@ -147,9 +147,13 @@ class Transformer(nn.Module):
         self.residual.reset_parameters()
 
     def check_tokens(self, tokens: Tensor) -> None:
-        """Raise a clear error for token ids outside ``[0, vocab_size)`` or a too-long sequence."""
+        """Raise a clear error for token ids outside ``[0, vocab_size)``, an empty or a too-long sequence."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq] integer ids, got shape {tuple(tokens.shape)}")
+        if 0 in tokens.shape:
+            raise ValueError(
+                f"tokens must hold at least one sequence of one token, got shape {tuple(tokens.shape)}"
+            )
         if tokens.shape[1] > self.cfg.seq_len:
             raise ValueError(
                 f"sequence length {tokens.shape[1]} exceeds model.seq_len={self.cfg.seq_len}; "

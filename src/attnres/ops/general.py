@@ -11,7 +11,7 @@ The options::
     out[h]  = Σ_i α_i,h v_i[h]                 (values raw, per channel group)
 
 ``query`` is ``[d]`` (a pseudo-query) or ``[..., d]`` (an input-dependent query, one per token).
-Statistics run in fp32, as in the reference.
+Statistics run in fp32 (fp64 for fp64 sources), as in the reference.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from attnres.ops.reference import stats_dtype
 
 NORMALIZERS = ("softmax", "sigmoid")
 
@@ -31,7 +33,7 @@ def general_depth_logits(
     eps: float = 1e-6,
     heads: int = 1,
 ) -> Tensor:
-    """Scores ``[N, ..., H]`` in fp32 of one read site.
+    """Scores ``[N, ..., H]`` of one read site, in the statistics dtype (fp32; fp64 for fp64).
 
     Args:
         sources: ``N ≥ 1`` tensors ``[..., d]``.
@@ -46,10 +48,11 @@ def general_depth_logits(
     d = sources[0].shape[-1]
     if d % heads:
         raise ValueError(f"depth-attention heads={heads} must divide the hidden width d={d}")
-    keys = torch.stack([s.float() for s in sources])  # [N, ..., d]
+    sd = stats_dtype(sources[0].dtype)
+    keys = torch.stack([s.to(sd) for s in sources])  # [N, ..., d]
     if gain is not None:
-        keys = keys * torch.rsqrt(keys.pow(2).mean(-1, keepdim=True) + eps) * gain.float()
-    prod = keys * query.float()  # [N, ..., d]
+        keys = keys * torch.rsqrt(keys.pow(2).mean(-1, keepdim=True) + eps) * gain.to(sd)
+    prod = keys * query.to(sd)  # [N, ..., d]
     return prod.unflatten(-1, (heads, d // heads)).sum(-1)  # [N, ..., H]
 
 
@@ -63,8 +66,8 @@ def general_depth_weights(logits: Tensor, normalizer: str = "softmax") -> Tensor
 
 
 def general_depth_mix(sources: Sequence[Tensor], weights: Tensor) -> Tensor:
-    """``Σ_i α_i v_i`` with weights ``[N, ..., H]`` applied per channel group; fp32 sum, source dtype out."""
-    values = torch.stack([s.float() for s in sources])  # [N, ..., d]
+    """``Σ_i α_i v_i``, weights ``[N, ..., H]`` per channel group; summed in their dtype, source dtype out."""
+    values = torch.stack([s.to(weights.dtype) for s in sources])  # [N, ..., d]
     heads = weights.shape[-1]
     grouped = values.unflatten(-1, (heads, values.shape[-1] // heads))  # [N, ..., H, d/H]
     out = (weights.unsqueeze(-1) * grouped).sum(0).flatten(-2)  # [..., d]
@@ -89,7 +92,7 @@ def general_depth_read(
     if logits is not None:
         if logits.shape != (len(sources),):
             raise ValueError(f"mixing logits must have shape [{len(sources)}], got {tuple(logits.shape)}")
-        scores = logits.float().reshape(len(sources), *([1] * sources[0].dim()))  # [N, 1.., 1]
+        scores = logits.to(stats_dtype(sources[0].dtype)).reshape(len(sources), *([1] * sources[0].dim()))
     elif query is not None:
         scores = general_depth_logits(sources, query, gain, eps, heads)
     else:

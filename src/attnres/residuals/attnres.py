@@ -35,6 +35,7 @@ from attnres.ops import depth_read, depth_weights
 from attnres.ops.dispatch import select_impl
 from attnres.ops.fused import fold_query, fused_depth_read, rstd_stat, source_rstd
 from attnres.ops.general import general_depth_read
+from attnres.ops.reference import stats_dtype
 from attnres.ops.stacked import SourceStack, stacked_merge, stacked_phase1
 from attnres.ops.two_phase import phase1, phase2_merge
 from attnres.residuals.base import ResidualConfig, ResidualScheme
@@ -174,8 +175,9 @@ class BlockAttnRes(ResidualScheme):
         if self.cfg.query == "none":
             query, logits = None, self.mix_logits[site, : len(sources)]
         elif self.cfg.query == "input":
-            x = F.rms_norm(sources[-1].float(), (self.d_model,), eps=self.cfg.eps)
-            query, logits = x @ self.query_proj[site].float().T, None  # [..., d]
+            sd = stats_dtype(sources[-1].dtype)
+            x = F.rms_norm(sources[-1].to(sd), (self.d_model,), eps=self.cfg.eps)
+            query, logits = x @ self.query_proj[site].to(sd).T, None  # [..., d]
         else:
             query, logits = self.query[site], None
         out, weights = general_depth_read(

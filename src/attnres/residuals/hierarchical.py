@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from attnres.ops.general import general_depth_logits, general_depth_mix, general_depth_weights
+from attnres.ops.reference import stats_dtype
 from attnres.residuals.attnres import default_block_size
 from attnres.residuals.base import ResidualConfig, ResidualScheme
 from attnres.residuals.registry import register
@@ -108,12 +109,13 @@ class HierarchicalAttnRes(ResidualScheme):
 
     def attend(self, values: list[Tensor], site: int, which: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """One multi-head attention over ``values``; returns ``(out [..., d], weights [N, ..., H])``."""
-        w_k = self.key_proj[site, which].float()
-        keys = [v.float() @ w_k.T for v in values]  # N × [..., d], fp32 like every depth read
+        sd = stats_dtype(values[0].dtype)  # fp32 (fp64 for fp64) like every depth read
+        w_k = self.key_proj[site, which].to(sd)
+        keys = [v.to(sd) @ w_k.T for v in values]  # N × [..., d]
         if hasattr(self, "query"):
             q = self.query[site, which]  # [d]
         else:
-            q = x.float() @ self.query_proj[site, which].float().T  # [..., d]
+            q = x.to(sd) @ self.query_proj[site, which].to(sd).T  # [..., d]
         scale = 1.0 / math.sqrt(self.d_model // self.heads)
         logits = general_depth_logits(keys, q * scale, None, heads=self.heads)  # [N, ..., H]
         weights = general_depth_weights(logits, "softmax")

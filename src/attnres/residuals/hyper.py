@@ -42,9 +42,12 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     """
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     m = torch.exp(x - x.amax(dim=(-2, -1), keepdim=True))  # the scale cancels in the first normalisation
+    # A column ~100 below the largest logit underflows to zeros: dividing by the smallest normal
+    # number instead of 0 keeps it 0 (not NaN) and changes nothing when no sum underflows.
+    tiny = torch.finfo(m.dtype).tiny
     for _ in range(iters):
-        m = m / m.sum(-2, keepdim=True)
-        m = m / m.sum(-1, keepdim=True)
+        m = m / m.sum(-2, keepdim=True).clamp_min(tiny)
+        m = m / m.sum(-1, keepdim=True).clamp_min(tiny)
     return m
 
 
