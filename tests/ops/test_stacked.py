@@ -158,3 +158,19 @@ def test_residual_path_compiles_fullgraph_with_inductor(grad: bool) -> None:
     if grad:
         out.sum().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@torch.no_grad()
+def test_replaying_an_inference_state_past_a_block_boundary_is_refused() -> None:
+    """The no-grad blocks live on one shared stack: a second update across a boundary would read a
+    block pushed by the first; it is an error, not a silently wrong read."""
+    model = ToyStack("block", 32, 4, 2, torch.float64)
+    x = torch.randn(1, 3, 32, dtype=torch.float64)
+    scheme = model.scheme
+    with use_impl("two_phase"):
+        state = scheme.init_state(x)
+        state = scheme.update(state, 0, torch.tanh(scheme.layer_input(state, 0)))
+        out = torch.tanh(scheme.layer_input(state, 1))
+        scheme.update(state, 1, out)  # layer 1 closes block 1 (S=2)
+        with pytest.raises(RuntimeError, match="already advanced past this block boundary"):
+            scheme.update(state, 1, out)

@@ -76,6 +76,9 @@ class StackedDepthState:
         stack: the completed blocks ``b_0 … b_g`` and their statistics, stacked once each. Every
             state of one forward shares it: a block is pushed when its group opens and never
             changes, so a state only ever reads rows that were complete when it was made.
+        n_blocks: blocks on the stack as this state sees them. Because the stack is shared, a
+            state can be advanced past a block boundary once: a second ``update`` from the same
+            state (a replay) would find a longer stack, and is refused rather than read it.
         partial: the live intra-block running sum (stream dtype).
         partial_rstd: its ``rsqrt(mean(p²) + eps)``.
         queries: every read site's folded query ``w ⊙ γ`` ``[L+1, d]``, computed once per forward.
@@ -89,6 +92,7 @@ class StackedDepthState:
     queries: Tensor
     group_start: int = 0
     group: tuple[Tensor, Tensor | None] | None = None
+    n_blocks: int = 0
 
 
 def default_block_size(n_sublayers: int) -> int:
@@ -222,14 +226,7 @@ class BlockAttnRes(ResidualScheme):
         sealed = layer % self.block_size == 0
         if isinstance(state, StackedDepthState):
             partial = out if sealed else state.partial + out
-            new = StackedDepthState(
-                state.stack,
-                partial,
-                rstd_stat(partial, self.cfg.eps),
-                state.queries,
-                state.group_start,
-                state.group,
-            )
+            new = replace(state, partial=partial, partial_rstd=rstd_stat(partial, self.cfg.eps))
             return self._open_stacked_group(new, layer + 1) if (layer + 1) % self.block_size == 0 else new
         blocks = (*state.blocks, state.partial) if sealed else state.blocks
         partial = out if sealed else state.partial + out
@@ -282,7 +279,14 @@ class BlockAttnRes(ResidualScheme):
 
     def _open_stacked_group(self, state: StackedDepthState, start: int) -> StackedDepthState:
         """Push the now complete partial sum as block ``b_g``, then phase 1 for sites ``start …``."""
+        if state.stack.size != state.n_blocks:
+            raise RuntimeError(
+                "this inference state was already advanced past this block boundary: without "
+                "gradients the blocks live on one shared stack, so each state can be updated once. "
+                "Replay a forward with gradients enabled, or with impl='fused'"
+            )
         state.stack.push(state.partial, state.partial_rstd)
+        state = replace(state, n_blocks=state.n_blocks + 1)
         end = min(start + self.block_size, self.n_sublayers + 1)
         group = stacked_phase1(state.stack, state.queries[start:end], need_lse=end - start > 1)
         return replace(state, group_start=start, group=group)

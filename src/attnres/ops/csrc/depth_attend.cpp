@@ -46,18 +46,20 @@ void check_sources(const std::vector<at::Tensor>& sources, const std::vector<at:
                    const at::Tensor& queries) {
   TORCH_CHECK(!sources.empty(), "depth_attend: at least one source");
   TORCH_CHECK(rstd.size() == sources.size(), "depth_attend: one rstd per source");
+  TORCH_CHECK(sources[0].dim() == 2, "depth_attend: sources must be [M, d]");
   const auto m = sources[0].size(0), d = sources[0].size(1);
   for (size_t j = 0; j < sources.size(); ++j) {
     TORCH_CHECK(sources[j].device().is_cpu() && sources[j].is_contiguous() && sources[j].dim() == 2 &&
                     sources[j].size(0) == m && sources[j].size(1) == d &&
                     sources[j].scalar_type() == sources[0].scalar_type(),
                 "depth_attend: sources must be contiguous CPU [M, d] tensors of one dtype");
-    TORCH_CHECK(
-        rstd[j].is_contiguous() && rstd[j].numel() == m && rstd[j].scalar_type() == queries.scalar_type(),
-        "depth_attend: rstd must be contiguous [M] in the statistics dtype");
+    TORCH_CHECK(rstd[j].device().is_cpu() && rstd[j].is_contiguous() && rstd[j].numel() == m &&
+                    rstd[j].scalar_type() == queries.scalar_type(),
+                "depth_attend: rstd must be contiguous CPU [M] in the statistics dtype");
   }
-  TORCH_CHECK(queries.is_contiguous() && queries.dim() == 2 && queries.size(1) == d,
-              "depth_attend: queries must be contiguous [S, d]");
+  TORCH_CHECK(queries.device().is_cpu() && queries.is_contiguous() && queries.dim() == 2 &&
+                  queries.size(1) == d,
+              "depth_attend: queries must be contiguous CPU [S, d]");
 }
 
 // Pragmas cannot sit inside the AT_DISPATCH macro's argument, so each kernel is a template that the
@@ -223,6 +225,17 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& sources, const s
   check_sources(sources, rstd, queries);
   const int64_t n = sources.size(), m = sources[0].size(0), d = sources[0].size(1), s = queries.size(0);
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == s, "depth_attend backward: one gradient per query");
+  // the kernel reads these raw: shapes, dtype and layout as the forward saved them
+  auto saved_ok = [&](const at::Tensor& t, std::initializer_list<int64_t> shape) {
+    return t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == queries.scalar_type() &&
+           t.sizes() == at::IntArrayRef(shape);
+  };
+  TORCH_CHECK(saved_ok(alpha, {n, m, s}) && saved_ok(dots, {n, m, s}),
+              "depth_attend backward: alpha and dots must be the forward's [N, M, S]");
+  for (const auto& g : grads)
+    TORCH_CHECK(!g.defined() || saved_ok(g, {m, d}),
+                "depth_attend backward: output gradients must be contiguous [M, d] in the statistics dtype");
+  TORCH_CHECK(!glse.defined() || saved_ok(glse, {m, s}), "depth_attend backward: glse must be [M, S]");
   std::vector<at::Tensor> dsrc(n), drstd(n);
   for (int64_t j = 0; j < n; ++j) {
     dsrc[j] = new_output({m, d}, sources[j].options());
