@@ -213,6 +213,7 @@ def test_unknown_option_key_lists_valid_ones_and_dotted_overrides_work():
     [
         ("block", {"query_init": "normal"}, "must start at zero"),
         ("block", {"heads": 3}, "must divide d_model"),
+        ("block", {"query": "none", "heads": 2}, "needs a query"),
         ("hierarchical", {"query": "none"}, "learned or input"),
         ("mhc_lite", {"n_streams": 6}, "at most 5"),
         ("swa", {"window": 0}, "window must be >= 1"),

@@ -139,6 +139,11 @@ class BlockAttnRes(ResidualScheme):
         self.heads = cfg.heads if cfg.heads is not None else 1
         if d_model % self.heads:
             raise ValueError(f"residual.heads={self.heads} must divide d_model={d_model}")
+        if cfg.query == "none" and self.heads > 1:  # one scalar logit per source: nothing per head
+            raise ValueError(
+                f"residual.heads={self.heads} needs a query; input-independent mixing "
+                "(residual.query=none) has one weight per source, so leave heads unset"
+            )
         sites = n_sublayers + 1
         if cfg.query == "learned":
             self.query = nn.Parameter(torch.zeros(sites, d_model))
