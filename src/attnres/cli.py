@@ -86,6 +86,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
     from attnres.train.compare import compare, parse_variants, summary_table
 
+    overridden = {"model.residual.variant", "train.seed"} & set(parse_overrides(extra))
+    if overridden:  # compare sets both per run; the flag would be dropped without a word
+        raise ConfigError(
+            f"attnres compare sets {', '.join(sorted(overridden))} itself: choose variants with "
+            "--variants and the number of seeds (0 … N-1) with --seeds"
+        )
     cfg = _config(args.preset, extra)
     results = compare(cfg, parse_variants(args.variants), args.seeds, args.out, jobs=args.jobs)
     print()

@@ -1,4 +1,5 @@
-"""What a resumed run or a rerun ``compare`` may change, and what they refuse (never a silent mix)."""
+"""What a resumed run or a rerun ``compare`` may change and what is refused (never a silent mix), and
+config values that would otherwise be accepted without a word."""
 
 from __future__ import annotations
 
@@ -100,3 +101,18 @@ def test_a_checkpoint_swap_stopped_halfway_is_finished_not_lost(tmp_path, cache_
     assert result.steps == 4
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("flag", ["--model.residual.variant=full", "--train.seed=3"])
+def test_compare_refuses_flags_it_would_overwrite(tmp_path, flag: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--preset", "tiny", "--variants", "prenorm", "--out", str(tmp_path), flag])
+    assert exit_info.value.code == 2
+    assert "compare sets" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any run started
+
+
+def test_a_warmup_longer_than_the_run_is_pointed_out(tmp_path, cache_dir) -> None:
+    lines: list[str] = []
+    train(_tiny(cache_dir, steps=2, **{"schedule.warmup_steps": "5"}), tmp_path / "run", log=lines.append)
+    assert any("warmup_steps=5 > train.steps=2" in line and "0.40 x optim.lr" in line for line in lines)

@@ -167,6 +167,11 @@ def train(
             f"{len(val_ids):,} val tokens ({corpus.name}), device {device}"
             + (f", {engine.description}" if engine.description else "")
         )
+        if cfg.schedule.warmup_steps > loop.steps:
+            log(
+                f"note: schedule.warmup_steps={cfg.schedule.warmup_steps} > train.steps={loop.steps}: "
+                f"the learning rate peaks at {loop.steps / cfg.schedule.warmup_steps:.2f} x optim.lr"
+            )
 
     metrics_path = out / "metrics.jsonl"
     # drop records past the checkpoint (written before a crash)
