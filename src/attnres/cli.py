@@ -70,17 +70,15 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     else:
         cfg = _config(args.preset or "quick", extra)
     result = train(cfg, args.out, resume=args.resume)
-    if dist.is_initialized():
-        # torchrun: leave together (rank 0 may still be writing the checkpoint the others sent),
-        # then close the group. A rank exiting alone occasionally aborted at shutdown with
-        # "terminate called without an active exception" after a clean run.
-        dist.barrier()
-        dist.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         print(
             f"final validation loss {result.final_val_loss:.4f} after {result.steps} steps "
             f"({result.tokens_per_s:,.0f} tokens/s, {result.seconds:.1f} s); run in {args.out}"
         )
+    if dist.is_initialized():  # torchrun: leave together, without the teardown that can abort
+        from attnres.distributed.launch import exit_process_group
+
+        exit_process_group()
 
 
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
