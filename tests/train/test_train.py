@@ -13,7 +13,7 @@ from attnres.cli import main
 from attnres.configs import ConfigError, apply_overrides
 from attnres.model import Transformer
 from attnres.train import get_preset, train
-from attnres.train.checkpoint import load_model
+from attnres.train.checkpoint import checkpoint_path, load_model, load_trainer_state
 from attnres.train.compare import compare, summary_table
 from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
 from attnres.train.engine import evaluate
@@ -47,7 +47,15 @@ def test_resume_continues_exactly(tmp_path, cache_dir, optimizer: str) -> None:
     train(cfg, tmp_path / "straight", log=lambda _: None)
     train(cfg, tmp_path / "split", log=lambda _: None, stop_after=7)
     assert not (tmp_path / "split" / "result.json").exists()
-    train(cfg, tmp_path / "split", resume=True, log=lambda _: None)
+    first = load_trainer_state(tmp_path / "split")["timing"]
+    assert first["timed_steps"] == 6 and 0 < first["timed_s"] < first["seconds"]
+    result = train(cfg, tmp_path / "split", resume=True, log=lambda _: None)
+    # the time and throughput of both sessions (the first step of each is not timed)
+    end = load_trainer_state(tmp_path / "split")["timing"]
+    assert end["timed_steps"] == cfg.train.steps - 2 and end["timed_s"] > first["timed_s"]
+    assert result.seconds >= end["seconds"] > first["seconds"]
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
+    assert result.tokens_per_s == pytest.approx(tokens_per_step * end["timed_steps"] / end["timed_s"])
 
     def losses(run: str) -> list[float]:
         return [json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -57,6 +65,18 @@ def test_resume_continues_exactly(tmp_path, cache_dir, optimizer: str) -> None:
     b, _ = load_model(tmp_path / "split")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_resume_from_a_checkpoint_without_timing(tmp_path, cache_dir) -> None:
+    cfg = tiny(cache_dir, **{"train.steps": "4"})
+    train(cfg, tmp_path / "run", log=lambda _: None, stop_after=2)
+    path = checkpoint_path(tmp_path / "run") / "trainer_state.pt"
+    state = torch.load(path, weights_only=False)
+    del state["timing"]  # as written before timing was kept
+    torch.save(state, path)
+    result = train(cfg, tmp_path / "run", resume=True, log=lambda _: None)
+    assert math.isnan(result.seconds)  # the first session's time is unknown, not silently dropped
+    assert math.isfinite(result.tokens_per_s)
 
 
 def test_existing_run_is_never_overwritten(tmp_path, cache_dir) -> None:

@@ -27,7 +27,12 @@ from attnres.train.optim import lr_multiplier
 
 @dataclass
 class RunResult:
-    """What a finished run reports (also written to ``OUT/result.json``)."""
+    """What a finished run reports (also written to ``OUT/result.json``).
+
+    ``seconds`` (wall time of the training loop) and ``tokens_per_s`` (over timed steps: all but
+    each session's first) cover every session of a resumed run; ``seconds`` is NaN when the run
+    was resumed from a checkpoint written before timing was kept in checkpoints.
+    """
 
     variant: str
     seed: int
@@ -145,11 +150,14 @@ def train(
     del model  # a pipeline rank keeps only its own chunks
     optimizer = engine.optimizer
     start = 0
+    timing = {"seconds": 0.0, "timed_s": 0.0, "timed_steps": 0}  # the run's, over all its sessions
     if resume:
         state = load_trainer_state(out)
         engine.load_optimizer_state(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         start = state["step"]
+        # checkpoints written before timing was saved: the earlier sessions' wall time is unknown
+        timing = state.get("timing", {"seconds": math.nan, "timed_s": 0.0, "timed_steps": 0})
         if start > loop.steps:
             raise ValueError(
                 f"--resume: {out} is at step {start}, past train.steps={loop.steps}; a run cannot be "
@@ -183,10 +191,22 @@ def train(
             loss_value = json.loads(kept[-1])["loss"]
     metrics = metrics_path.open("a") if env.is_main else None
 
+    def run_timing() -> dict[str, float]:
+        return {
+            "seconds": timing["seconds"] + time.perf_counter() - t_run,
+            "timed_s": timed_s,
+            "timed_steps": timed_steps,
+        }
+
     def checkpoint(step: int) -> None:
         plain, optim_state = engine.checkpoint_state()  # collectives under FSDP2 and pipelines
         if env.is_main:
-            trainer_state = {"step": step, "optimizer": optim_state, "rng_cpu": torch.get_rng_state()}
+            trainer_state = {
+                "step": step,
+                "optimizer": optim_state,
+                "rng_cpu": torch.get_rng_state(),
+                "timing": run_timing(),
+            }
             save_checkpoint(out, plain, cfg, tokenizer, trainer_state)
 
     end = loop.steps if stop_after is None else min(loop.steps, start + stop_after)
@@ -200,7 +220,7 @@ def train(
         unit="step",
         dynamic_ncols=True,
     )
-    timed_s, timed_steps = 0.0, 0
+    timed_s, timed_steps = timing["timed_s"], timing["timed_steps"]
     t_run = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
@@ -209,7 +229,7 @@ def train(
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss became {loss_value} at step {step + 1}; lower optim.lr")
         dt = time.perf_counter() - t0
-        if step > start:  # the first step pays one-off warm-up costs
+        if step > start:  # the first step of each session pays one-off warm-up costs
             timed_s, timed_steps = timed_s + dt, timed_steps + 1
         record: dict[str, Any] = {
             "step": step + 1,
@@ -243,7 +263,7 @@ def train(
         n_params=n_params,
         train_tokens=end * tokens_per_step,
         train_flops=end * tokens_per_step * flops_per_token,
-        seconds=time.perf_counter() - t_run,
+        seconds=run_timing()["seconds"],
     )
     if end == loop.steps and not env.distributed and isinstance(engine, ReplicatedEngine):
         # diagnostics need the plain model (hooks, one process); distributed runs skip them
