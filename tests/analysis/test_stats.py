@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from attnres.analysis.stats import mean_std, paired_difference, t95
+from attnres.analysis.stats import format_mean_std, mean_std, paired_difference, t95
 
 
 def test_paired_difference_t_interval():
@@ -29,4 +29,7 @@ def test_t95_and_mean_std():
     assert t95(1) == 12.706 and t95(100) == 1.96
     with pytest.raises(ValueError, match="at least 2"):
         t95(0)
-    assert mean_std([1.0]) == (1.0, 0.0)
+    mean, std = mean_std([1.0])
+    assert mean == 1.0 and math.isnan(std)
+    assert format_mean_std(mean, std) == "1.0000 (1 seed)"
+    assert format_mean_std(*mean_std([1.0, 2.0])) == "1.5000 ± 0.7071"

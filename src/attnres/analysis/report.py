@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from attnres.analysis.diagnostics import load_diagnostics
+from attnres.analysis.stats import format_mean_std
 
 
 def _find_runs(root: Path) -> dict[str, list[Path]]:
@@ -38,8 +39,9 @@ def _table(rows: list[dict[str, Any]], baseline: str) -> list[str]:
     ]
     for row in rows:
         delta = format_difference(row, baseline)
+        loss = format_mean_std(row["val_loss_mean"], row["val_loss_std"])
         out.append(
-            f"| {row['variant']} | {row['seeds']} | {row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} "
+            f"| {row['variant']} | {row['seeds']} | {loss} "
             f"| {delta} | {row['train_tokens']:.3g} | {row['train_flops']:.3g} | {row['n_params']:,} "
             f"| {row['tokens_per_s']:,.0f} |"
         )

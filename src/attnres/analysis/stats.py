@@ -33,8 +33,13 @@ class PairedDiff:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    """Mean and sample standard deviation (``nan`` for a single value: one seed shows no spread)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def format_mean_std(mean: float, std: float) -> str:
+    """``"4.7338 ± 0.0123"``; ``"4.7338 (1 seed)"`` when the spread is unknown."""
+    return f"{mean:.4f} ± {std:.4f}" if math.isfinite(std) else f"{mean:.4f} (1 seed)"
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> PairedDiff | None:

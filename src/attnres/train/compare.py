@@ -10,6 +10,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+from attnres.analysis.stats import format_mean_std, mean_std, paired_difference
 from attnres.residuals import variant_names
 from attnres.train.checkpoint import has_checkpoint, load_config
 from attnres.train.config import TrainConfig, resume_conflicts
@@ -145,7 +146,6 @@ def compare(
 def variant_stats(results: list[RunResult], baseline: str = "prenorm") -> list[dict]:
     """Per variant: seeds, mean ± std validation loss, the paired difference to ``baseline``
     (same seeds) with its 95% t interval, and per-run tokens, FLOPs, parameters and throughput."""
-    from attnres.analysis.stats import mean_std, paired_difference
 
     by_variant: dict[str, list[RunResult]] = {}
     for r in results:
@@ -189,7 +189,7 @@ def summary_table(results: list[RunResult], baseline: str = "prenorm") -> str:
         delta = format_difference(row, baseline)
         lines.append(
             f"{row['variant']:<13} {row['seeds']:>5} "
-            f"{row['val_loss_mean']:>12.4f} ± {row['val_loss_std']:.4f} "
+            f"{format_mean_std(row['val_loss_mean'], row['val_loss_std']):>22} "
             f"{delta:>34} {row['train_tokens']:>9.3g} {row['train_flops']:>9.3g} {row['n_params']:>9,} "
             f"{row['tokens_per_s']:>7,.0f}"
         )
