@@ -69,13 +69,14 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
             cfg = dataclasses.replace(cfg, train=requested.train, parallel=requested.parallel)
     else:
         cfg = _config(args.preset or "quick", extra)
+    group_was_ours = not dist.is_initialized()  # a caller's own group is left to the caller
     result = train(cfg, args.out, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
         print(
             f"final validation loss {result.final_val_loss:.4f} after {result.steps} steps "
             f"({result.tokens_per_s:,.0f} tokens/s, {result.seconds:.1f} s); run in {args.out}"
         )
-    if dist.is_initialized():  # torchrun: leave together, without the teardown that can abort
+    if group_was_ours and dist.is_initialized():  # torchrun: leave together, skip the teardown
         from attnres.distributed.launch import exit_process_group
 
         exit_process_group()

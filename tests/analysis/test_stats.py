@@ -31,5 +31,6 @@ def test_t95_and_mean_std():
         t95(0)
     mean, std = mean_std([1.0])
     assert mean == 1.0 and math.isnan(std)
-    assert format_mean_std(mean, std) == "1.0000 (1 seed)"
-    assert format_mean_std(*mean_std([1.0, 2.0])) == "1.5000 ± 0.7071"
+    assert format_mean_std(mean, std, 1) == "1.0000 (1 seed)"
+    assert format_mean_std(*mean_std([1.0, 2.0]), 2) == "1.5000 ± 0.7071"
+    assert format_mean_std(math.nan, math.nan, 2) == "nan ± nan"  # a diverged seed is not hidden

@@ -39,7 +39,7 @@ def _table(rows: list[dict[str, Any]], baseline: str) -> list[str]:
     ]
     for row in rows:
         delta = format_difference(row, baseline)
-        loss = format_mean_std(row["val_loss_mean"], row["val_loss_std"])
+        loss = format_mean_std(row["val_loss_mean"], row["val_loss_std"], row["seeds"])
         out.append(
             f"| {row['variant']} | {row['seeds']} | {loss} "
             f"| {delta} | {row['train_tokens']:.3g} | {row['train_flops']:.3g} | {row['n_params']:,} "

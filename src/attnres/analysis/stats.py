@@ -37,9 +37,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def format_mean_std(mean: float, std: float) -> str:
-    """``"4.7338 ± 0.0123"``; ``"4.7338 (1 seed)"`` when the spread is unknown."""
-    return f"{mean:.4f} ± {std:.4f}" if math.isfinite(std) else f"{mean:.4f} (1 seed)"
+def format_mean_std(mean: float, std: float, n: int) -> str:
+    """``"4.7338 ± 0.0123"`` over ``n`` seeds; ``"4.7338 (1 seed)"`` when there is one."""
+    return f"{mean:.4f} (1 seed)" if n == 1 else f"{mean:.4f} ± {std:.4f}"
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> PairedDiff | None:

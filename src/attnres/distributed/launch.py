@@ -49,13 +49,15 @@ def exit_process_group() -> NoReturn:
     interpreter is being finalised by then, the thread is killed inside a C++ destructor and the
     process aborts ("terminate called without an active exception", SIGABRT or SIGBUS) after a
     clean run. Seen in ~3% of 2-rank FSDP2 test runs on the rank that exits first.
+
+    If a peer has failed, the barrier's ``RuntimeError`` is re-raised after a 3 s pause, so that
+    the launcher (mp.spawn, torchrun) reports the peer's own error first rather than this echo.
     """
     try:
         dist.barrier()  # nobody leaves while a peer may still be writing what it was sent
     except RuntimeError:
-        # A peer failed and closed its connections. Fail a moment later, so that the launcher
-        # (mp.spawn, torchrun) reports the peer's own error first rather than this echo of it.
         time.sleep(_ECHO_DELAY_S)
+        dist.destroy_process_group()
         raise
     dist.destroy_process_group()
     logging.shutdown()
@@ -68,6 +70,8 @@ def spawn_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: f
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` CPU processes with a gloo group.
 
     ``fn`` must be importable (module level) because processes are spawned, not forked. A hung
-    collective fails after ``timeout_s`` seconds instead of blocking forever.
+    collective fails after ``timeout_s`` seconds instead of blocking forever; that includes the
+    barrier every rank passes after ``fn`` returns (:func:`exit_process_group`), so ranks must
+    finish within ``timeout_s`` of each other.
     """
     mp.spawn(_entry, args=(fn, world_size, free_port(), timeout_s, args), nprocs=world_size, join=True)

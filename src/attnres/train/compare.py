@@ -189,7 +189,7 @@ def summary_table(results: list[RunResult], baseline: str = "prenorm") -> str:
         delta = format_difference(row, baseline)
         lines.append(
             f"{row['variant']:<13} {row['seeds']:>5} "
-            f"{format_mean_std(row['val_loss_mean'], row['val_loss_std']):>22} "
+            f"{format_mean_std(row['val_loss_mean'], row['val_loss_std'], row['seeds']):>22} "
             f"{delta:>34} {row['train_tokens']:>9.3g} {row['train_flops']:>9.3g} {row['n_params']:>9,} "
             f"{row['tokens_per_s']:>7,.0f}"
         )

@@ -30,8 +30,10 @@ class RunResult:
     """What a finished run reports (also written to ``OUT/result.json``).
 
     ``seconds`` (wall time of the training loop) and ``tokens_per_s`` (over timed steps: all but
-    each session's first) cover every session of a resumed run; ``seconds`` is NaN when the run
-    was resumed from a checkpoint written before timing was kept in checkpoints.
+    each session's first) cover every session of a resumed run, whatever device, threads or
+    parallel layout each session used; a session's time ends at its last checkpoint. Resumed from
+    a checkpoint written before timing was kept there, ``seconds`` is NaN and ``tokens_per_s``
+    covers the later sessions only.
     """
 
     variant: str
