@@ -17,6 +17,7 @@ from attnres.distributed.accounting import (
 )
 from attnres.distributed.pipeline import (
     SiteRows,
+    check_message,
     forward_schedule,
     make_layout,
     op_messages,
@@ -236,6 +237,15 @@ def test_site_rows_refuse_an_unowned_site() -> None:
     torch.testing.assert_close(rows[3], torch.tensor([6.0, 7.0]))
     with pytest.raises(IndexError, match=r"read site 1 belongs to another pipeline chunk"):
         rows[1]
+
+
+def test_a_message_the_receiver_cannot_hold_is_refused() -> None:
+    buf = pack([torch.zeros(2, 5, 7)] * 3)  # [3, B=2, T=5, d=7]
+    check_message(buf, (3, 2, 5, 7), torch.float32, ("fwd", 1, 0))
+    with pytest.raises(RuntimeError, match=r"bfloat16.*expects \(3, 2, 5, 7\) torch.float32.*autocast"):
+        check_message(buf.bfloat16(), (3, 2, 5, 7), torch.float32, ("fwd", 1, 0))
+    with pytest.raises(RuntimeError, match=r"\('bwd', 2, 1\) is \(3, 2, 5, 7\)"):
+        check_message(buf, (2, 2, 5, 7), torch.float32, ("bwd", 2, 1))
 
 
 def test_pack_makes_noncontiguous_boundary_grads_contiguous() -> None:

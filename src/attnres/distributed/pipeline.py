@@ -383,6 +383,21 @@ def pack(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack([t.detach() for t in tensors]).contiguous()  # [n, B, T, d]
 
 
+def check_message(buf: Tensor, shape: tuple[int, ...], dtype: torch.dtype, message: Message) -> None:
+    """Refuse a message the receiver's buffer (``shape``, ``dtype``) would not hold exactly.
+
+    Receivers allocate from the chunks' parameter dtype and the layout, and a shorter message
+    would arrive as garbage bytes (gloo accepts short receives); e.g. chunks run under autocast
+    send bf16 activations to fp32 buffers.
+    """
+    if buf.dtype != dtype or tuple(buf.shape) != tuple(shape):
+        raise RuntimeError(
+            f"pipeline message {message} is {tuple(buf.shape)} {buf.dtype}, but the receiver expects "
+            f"{tuple(shape)} {dtype}: activations must keep the chunks' parameter dtype (cast the "
+            "model rather than running the chunks under autocast)"
+        )
+
+
 @dataclass
 class CommRecord:
     """One message: ``direction`` ``"fwd"``/``"bwd"`` over transition ``j`` (the link into chunk ``j``)."""
@@ -469,6 +484,7 @@ class PipelineRunner:
     def _send(self, tensors: Sequence[Tensor], message: Message, dst_chunk: int) -> None:
         """Queue ``tensors`` as one message; it goes out with the unit's :meth:`_exchange`."""
         buf = pack(tensors)
+        check_message(buf, (self._wire_tensors(message[1]), *self._act_shape), self._dtype, message)
         blocks = len(tensors) - 1 if self.layout.carries_blocks else 0
         direction, transition, microbatch = message
         self.stats.records.append(
