@@ -1,7 +1,8 @@
 """``torchrun --nproc-per-node=2 -m attnres train`` against one process with the same global batch.
 
 Every rank draws the step's global batch and trains on its half, so the two runs see the same
-tokens. fp32 and AdamW: losses within 1e-5 relative, weights within 1e-5 absolute (see
+tokens; under DDP each rank evaluates half the validation batches (here one of two). fp32 and
+AdamW: training and validation losses within 1e-5 relative, weights within 1e-5 absolute (see
 test_data_parallel for why Adam turns ~1e-7 gradient differences into ~1e-6 weight differences).
 """
 
@@ -24,9 +25,13 @@ def test_torchrun_matches_one_process_and_resumes_on_one(dp_shard: bool, train_c
     train_cli(tmp_path / "one", 1, *STEPS)
     train_cli(tmp_path / "two", 2, *STEPS, shard)
     losses = train_cli.losses
-    torch.testing.assert_close(
-        torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=0
-    )
+    for key in ("loss", "val_loss"):  # DDP: each rank evaluates half the validation batches
+        torch.testing.assert_close(
+            torch.tensor(losses(tmp_path / "two", key)),
+            torch.tensor(losses(tmp_path / "one", key)),
+            rtol=1e-5,
+            atol=0,
+        )
     one = load_file(tmp_path / "one" / "checkpoint" / "model.safetensors")
     two = load_file(tmp_path / "two" / "checkpoint" / "model.safetensors")
     assert one.keys() == two.keys()

@@ -52,6 +52,12 @@ Batch = tuple[Tensor, Tensor]
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[Batch], device: torch.device) -> float:
     """Token-weighted mean validation loss."""
+    total, count = loss_sums(model, batches, device)
+    return total / count
+
+
+def loss_sums(model: nn.Module, batches: list[Batch], device: torch.device) -> tuple[float, int]:
+    """Summed token losses and the number of tokens over ``batches`` (none: ``(0.0, 0)``)."""
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
@@ -59,7 +65,7 @@ def evaluate(model: nn.Module, batches: list[Batch], device: torch.device) -> fl
         total += lm_loss(model(x), y).item() * y.numel()
         count += y.numel()
     model.train()
-    return total / count
+    return total, count
 
 
 def check_world_size(parallel: ParallelConfig, env: DistEnv, batch_size: int) -> None:
@@ -117,6 +123,7 @@ class ReplicatedEngine(Engine):
 
     def __init__(self, model: Transformer, cfg: TrainConfig, env: DistEnv) -> None:
         self.env, self.grad_clip, self.model_cfg = env, cfg.optim.grad_clip, cfg.model
+        self.dp_shard = cfg.parallel.dp_shard
         self.model = wrap_model(model, cfg.parallel.dp_shard, env)
         self.optimizer = build_optimizer(unwrap(self.model).named_parameters(), cfg.optim)
         kind = "FSDP2" if cfg.parallel.dp_shard else "DDP"
@@ -133,7 +140,14 @@ class ReplicatedEngine(Engine):
         return mean_over_ranks(loss, self.env).item()
 
     def evaluate(self, batches: list[Batch]) -> float:
-        return evaluate(self.model, batches, self.env.device)
+        env = self.env
+        if not env.distributed or self.dp_shard:  # FSDP2's forward is a collective: all run all
+            return evaluate(self.model, batches, env.device)
+        # DDP: each rank evaluates every world_size-th batch on the plain module, then the sums meet
+        total, count = loss_sums(unwrap(self.model), batches[env.rank :: env.world_size], env.device)
+        sums = torch.tensor([total, count], dtype=torch.float64, device=env.device)
+        dist.all_reduce(sums)
+        return float(sums[0] / sums[1])
 
     def checkpoint_state(self) -> tuple[nn.Module | None, Any]:
         # a collective under FSDP2; building the model draws an init, which training must not see
