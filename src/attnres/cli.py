@@ -50,11 +50,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     import torch.distributed as dist
 
     from attnres.train import train
-    from attnres.train.checkpoint import load_config
+    from attnres.train.checkpoint import run_config
     from attnres.train.config import RESUME_MAY_CHANGE, resume_conflicts
 
     if args.resume:
-        cfg = load_config(args.out)
+        cfg = run_config(args.out)
         if args.preset or extra:
             requested = (
                 _config(args.preset, extra) if args.preset else apply_overrides(cfg, parse_overrides(extra))
@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
         print(f"attnres {args.verb}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # a run stopped by Ctrl-C/SIGTERM says what it saved (TrainingInterrupted)
+        print(f"attnres {args.verb}: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,7 @@ def load_for_sampling(path: str | Path) -> tuple[Transformer, Any]:
         CheckpointError: naming the path and what is wrong, for a missing directory or a missing,
             truncated or mismatched weights file.
     """
-    from attnres.train.checkpoint import load_model
-    from attnres.train.data import load_tokenizer
+    from attnres.train.checkpoint import load_checkpoint_tokenizer, load_model
 
     path = Path(path)
     if not path.is_dir():
@@ -38,7 +37,7 @@ def load_for_sampling(path: str | Path) -> tuple[Transformer, Any]:
         )
     try:
         model, _ = load_model(path)
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_checkpoint_tokenizer(path)
     except (ValueError, FileNotFoundError) as err:  # the loaders' own messages name the fix
         raise CheckpointError(str(err)) from err
     except Exception as err:  # safetensors, json and torch each raise their own types

@@ -12,6 +12,7 @@ from attnres.cli import main
 from attnres.configs import apply_overrides
 from attnres.model import ModelConfig, Transformer
 from attnres.train import get_preset, train
+from attnres.train.checkpoint import CHECKSUMS
 from attnres.train.compare import compare, parse_variants
 from attnres.train.loop import model_flops_per_token
 
@@ -96,7 +97,7 @@ def test_a_checkpoint_swap_stopped_halfway_is_finished_not_lost(tmp_path, cache_
     shutil.copytree(run / "checkpoint", run / ".checkpoint.tmp")
     (run / "checkpoint").rename(run / ".checkpoint.old")
     if not tmp_complete:  # stopped while still writing the new one: the old one is put back
-        (run / ".checkpoint.tmp" / "trainer_state.pt").unlink()
+        (run / ".checkpoint.tmp" / CHECKSUMS).unlink()  # the file a checkpoint writes last
     result = train(cfg, run, resume=True, log=lambda _: None)
     assert result.steps == 4
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

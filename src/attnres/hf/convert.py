@@ -74,9 +74,10 @@ def hf_tokenizer(ckpt: str | Path) -> Any:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from attnres.train.data import EOT, ByteTokenizer, load_tokenizer
+    from attnres.train.checkpoint import load_checkpoint_tokenizer
+    from attnres.train.data import EOT, ByteTokenizer
 
-    ours = load_tokenizer(ckpt)
+    ours = load_checkpoint_tokenizer(ckpt)
     is_byte = isinstance(ours, ByteTokenizer)
     backend = Tokenizer.from_str(byte_tokenizer_json(EOT)) if is_byte else ours.tok
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT)
@@ -116,7 +117,9 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
             raise ValueError(f"{stored} describes another model than {hf_dir / 'config.json'}; delete one")
     else:
         train_cfg = dataclasses.replace(TrainConfig(), model=model.cfg)
-    return save_checkpoint(out, model, train_cfg, _our_tokenizer(hf_dir), trainer_state={})
+    return save_checkpoint(
+        out, model, train_cfg, _our_tokenizer(hf_dir), trainer_state={"weights_only": True}
+    )
 
 
 def _our_tokenizer(hf_dir: Path) -> Any:

@@ -6,32 +6,51 @@ Layout of ``OUT/checkpoint/``::
     config.json         the full TrainConfig
     tokenizer.json      the tokenizer (BPE JSON, or a byte-tokenizer marker)
     trainer_state.pt    step, optimiser state and RNG states, for an exact ``--resume``
+    checksums.json      the sha256 of each file above, written last
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash mid-save never
 leaves a half-written checkpoint behind the old one.
+
+Loading is safe for a checkpoint from someone else: no file is unpickled. ``trainer_state.pt`` is
+read with ``torch.load(weights_only=True)``, which accepts tensors and plain containers only and
+refuses any other object (a pickle that would run code is an error, not an execution); the rest
+is safetensors and JSON. Each file is checked against ``checksums.json`` before it is read, so a
+flipped byte or a hand-edited file is named instead of loading silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from attnres.configs import from_dict
 from attnres.model import Transformer
 from attnres.train.config import TrainConfig
-from attnres.train.data import Tokenizer
+from attnres.train.data import Tokenizer, load_tokenizer
 
 CHECKPOINT_DIR = "checkpoint"
 _TMP, _OLD = f".{CHECKPOINT_DIR}.tmp", f".{CHECKPOINT_DIR}.old"  # the two sides of a checkpoint swap
-_WRITTEN_LAST = "trainer_state.pt"  # a checkpoint folder holding it is complete
+CHECKSUMS = "checksums.json"
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
+_WRITTEN_LAST = CHECKSUMS  # a checkpoint folder holding it is complete
+# What trainer_state.pt holds for ``--resume``; ``{"weights_only": True}`` marks a checkpoint made
+# without training (attnres convert --from-hf), which loads and samples but cannot resume.
+TRAINER_STATE_KEYS = ("step", "optimizer", "rng_cpu")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupted, or holds something other than it should."""
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:
@@ -56,6 +75,11 @@ def checkpoint_path(path: str | Path) -> Path:
     has_checkpoint(p)
     for candidate in (p, p / CHECKPOINT_DIR):
         if (candidate / "model.safetensors").is_file() and (candidate / "config.json").is_file():
+            if not (candidate / "trainer_state.pt").is_file() and _is_hf_folder(candidate):
+                raise CheckpointError(
+                    f"{candidate} is a Hugging Face transformers folder, not an attnres checkpoint; "
+                    f"convert it first (attnres convert --from-hf {candidate} OUT) and use OUT"
+                )
             return candidate
     raise FileNotFoundError(
         f"{p} holds no checkpoint: expected model.safetensors and config.json in it "
@@ -78,7 +102,8 @@ def save_checkpoint(
     st_save_model(model, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     tokenizer.save(tmp / "tokenizer.json")
-    torch.save(trainer_state, tmp / _WRITTEN_LAST)
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    record_checksums(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -87,14 +112,92 @@ def save_checkpoint(
     return final
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_checksums(ckpt: Path) -> None:
+    """Write ``ckpt/checksums.json``: the sha256 of each checkpoint file, as :func:`verified` checks."""
+    sums = {name: _sha256(ckpt / name) for name in CHECKPOINT_FILES}
+    (ckpt / CHECKSUMS).write_text(json.dumps(sums, indent=2))
+
+
+def verified(ckpt: Path, name: str) -> Path:
+    """``ckpt/name`` after checking it against the checkpoint's ``checksums.json``.
+
+    Raises:
+        CheckpointError: the file is missing, or its content is not what was saved (a flipped byte,
+            a truncated copy, a hand edit), naming the file.
+    """
+    path = ckpt / name
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint in {ckpt} is incomplete")
+    sums = ckpt / CHECKSUMS
+    if not sums.is_file():  # written before checkpoints carried checksums: nothing to compare with
+        warnings.warn(f"{ckpt} has no {CHECKSUMS} (an older checkpoint): {name} not verified", stacklevel=3)
+        return path
+    try:
+        expected = json.loads(sums.read_text())[name]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(
+            f"{sums} is corrupted or lacks {name}: the checkpoint cannot be verified"
+        ) from None
+    if _sha256(path) != expected:
+        raise CheckpointError(
+            f"{path} does not match the sha256 recorded in {sums} when it was saved: the file is corrupted "
+            "or was changed; restore it from a good copy, or train again"
+        )
+    return path
+
+
+def _is_hf_folder(folder: Path) -> bool:
+    """A transformers folder: its config.json names a ``model_type`` (ours never does)."""
+    try:
+        return "model_type" in json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return False
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """The TrainConfig stored with a checkpoint (``path``: run dir or checkpoint dir)."""
     p = checkpoint_path(path)
+    config = verified(p, "config.json")
     try:
-        data = json.loads((p / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p / 'config.json'} is corrupted: {e}") from None
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config} is corrupted: {e}") from None
     return from_dict(TrainConfig, data)
+
+
+def run_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run directory trains: its checkpoint's, or for a run that stopped before its
+    first checkpoint, the ``config.json`` it was started with."""
+    run = Path(run_dir)
+    if run.is_dir() and has_checkpoint(run):
+        return load_config(run)
+    started = run / "config.json"
+    if not started.is_file():
+        raise FileNotFoundError(f"--resume: {run} holds no run to resume (no checkpoint, no config.json)")
+    try:
+        return from_dict(TrainConfig, json.loads(started.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{started} is corrupted: {e}") from None
+
+
+def _shape_mismatches(model: Transformer, weights: Path) -> list[str]:
+    """Tensors whose stored shape differs from the model's (a config that does not fit the weights)."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    return [
+        f"{name} {list(stored[name])} in the weights, {list(shape)} by the config"
+        for name, shape in expected.items()
+        if name in stored and stored[name] != shape
+    ]
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, TrainConfig]:
@@ -102,22 +205,71 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     p = checkpoint_path(path)
     cfg = load_config(p)
     model = Transformer(cfg.model)
+    weights = verified(p, "model.safetensors")
     try:
-        missing, unexpected = st_load_model(
-            model, str(p / "model.safetensors"), strict=False, device=str(device)
-        )
+        mismatched = _shape_mismatches(model, weights)
+        if mismatched:
+            raise CheckpointError(
+                f"{weights} does not fit {p / 'config.json'} (model.d_model={cfg.model.d_model}, "
+                f"n_layers={cfg.model.n_layers}, vocab_size={cfg.model.vocab_size}): "
+                + "; ".join(mismatched[:3])
+                + (f"; and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
+            )
+        missing, unexpected = st_load_model(model, str(weights), strict=False, device=str(device))
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(
-            f"{p / 'model.safetensors'} is corrupted or truncated ({e}); re-save or re-train"
-        ) from None
+        raise CheckpointError(f"{weights} is corrupted or truncated ({e}); re-save or re-train") from None
     if missing or unexpected:
-        raise ValueError(
-            f"{p / 'model.safetensors'} does not match its config: missing {sorted(missing)}, "
-            f"unexpected {sorted(unexpected)}"
+        raise CheckpointError(
+            f"{weights} does not match its config: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
         )
     return model.to(device), cfg
 
 
+def load_checkpoint_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer saved with a checkpoint, verified, and checked against the model's vocabulary.
+
+    Raises:
+        CheckpointError: the tokenizer file is corrupted, or its vocabulary is not the model's
+            (a tokenizer from another run would sample garbage).
+    """
+    p = checkpoint_path(path)
+    tokenizer = load_tokenizer(verified(p, "tokenizer.json"))
+    vocab = load_config(p).model.vocab_size
+    if tokenizer.vocab_size != vocab:
+        raise CheckpointError(
+            f"{p / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model was trained on "
+            f"{vocab}: the tokenizer belongs to another run"
+        )
+    return tokenizer
+
+
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
-    """Step, optimiser and RNG states saved next to the weights."""
-    return torch.load(checkpoint_path(path) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    """Step, optimiser and RNG states saved next to the weights, loaded without running any code.
+
+    Raises:
+        CheckpointError: the file is corrupted, holds objects other than tensors and plain data
+            (refused unread: a pickle can run code), or lacks what ``--resume`` needs.
+    """
+    p = checkpoint_path(path)
+    state_file = verified(p, "trainer_state.pt")
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only's refusal of anything but tensors and plain data
+        raise CheckpointError(
+            f"refused to load {state_file}: it holds objects other than tensors and plain data, which "
+            f"could run code when unpickled ({str(e).strip().splitlines()[-1]}). Do not resume a run "
+            "directory you do not trust with an older attnres"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{state_file} is corrupted or truncated ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and state.get("weights_only"):
+        raise CheckpointError(
+            f"{p} holds weights only (made by attnres convert --from-hf): it has no optimiser state to "
+            "resume; sample or convert it, or train a new run"
+        )
+    if not isinstance(state, dict) or any(k not in state for k in TRAINER_STATE_KEYS):
+        raise CheckpointError(
+            f"{state_file} is not an attnres trainer state: expected a dict with "
+            f"{', '.join(TRAINER_STATE_KEYS)}"
+        )
+    return state

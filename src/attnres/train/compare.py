@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -67,14 +66,11 @@ def _saved_result(cfg: TrainConfig, run_dir: Path) -> RunResult | None:
 def _train_run(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] = print) -> RunResult:
     """Train one run, continuing from its checkpoint if it has one.
 
-    A run interrupted before its first checkpoint has nothing to continue from: its partial
-    metrics are discarded and it starts over.
+    A run interrupted before its first checkpoint has nothing to continue from: :func:`train`
+    starts it over in place (holding the run directory's lock, so never under a live run).
     """
-    resume = has_checkpoint(run_dir)
-    if run_dir.exists() and not resume:
-        log(f"{run_dir.name}: interrupted before its first checkpoint, starting it over")
-        shutil.rmtree(run_dir)
-    return train(cfg, run_dir, resume=resume, log=log)
+    started = (run_dir / "config.json").exists() or has_checkpoint(run_dir)
+    return train(cfg, run_dir, resume=started, log=log)
 
 
 def compare(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -14,15 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from attnres.distributed.data_parallel import init_distributed
+from attnres.distributed.data_parallel import DistEnv, init_distributed
 from attnres.model import Transformer
 from attnres.train.checkpoint import has_checkpoint, load_model, load_trainer_state, save_checkpoint
 from attnres.train.config import TrainConfig
 from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
 from attnres.train.engine import ReplicatedEngine, build_engine, check_world_size
 from attnres.train.optim import lr_multiplier
+from attnres.train.run_dir import GracefulStop, RunDirLock, TrainingInterrupted, metrics_up_to
 
 
 @dataclass
@@ -97,15 +100,31 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_out_dir(out: Path, resume: bool) -> None:
-    checkpointed = out.exists() and has_checkpoint(out)
-    has_run = (out / "config.json").exists() or checkpointed
+def _check_out_dir(out: Path, resume: bool, log: Callable[[str], None]) -> bool:
+    """Whether the run continues from a checkpoint in ``out``; refuses to mix with another run.
+
+    With ``resume``, a run that stopped before its first checkpoint (``config.json`` and perhaps
+    some metrics, no checkpoint) starts over in place, so no run directory is a dead end.
+    """
+    checkpointed = has_checkpoint(out)
+    started = checkpointed or (out / "config.json").exists()
+    if resume and not started:
+        raise FileNotFoundError(f"--resume: {out} holds no run to resume (no checkpoint, no config.json)")
+    if not resume and started:
+        how = "continue it" if checkpointed else "start it over in place (it has no checkpoint yet)"
+        raise FileExistsError(f"{out} already holds a run; pass --resume to {how}, or choose another --out")
     if resume and not checkpointed:
-        raise FileNotFoundError(f"--resume: {out} has no checkpoint to resume from")
-    if not resume and has_run:
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
-        )
+        log(f"{out} stopped before its first checkpoint: starting it over")
+    return checkpointed
+
+
+def _agree(env: DistEnv, value: bool) -> bool:
+    """Rank 0's ``value`` on every rank (rank 0 alone inspects the run directory)."""
+    if not env.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def train(
@@ -128,12 +147,32 @@ def train(
     env = init_distributed(device.type)  # under torchrun: join the group; rank 0 alone writes
     check_world_size(cfg.parallel, env, cfg.train.batch_size)
     device = env.device if env.distributed else device
-    if env.is_main:
-        _check_out_dir(out, resume)
-        out.mkdir(parents=True, exist_ok=True)
-    else:
-        log = lambda _msg: None  # noqa: E731
+    with contextlib.ExitStack() as guards:
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            guards.enter_context(RunDirLock(out))  # before looking inside: a second run is refused here
+            resume = _check_out_dir(out, resume, log)
+        else:
+            log = lambda _msg: None  # noqa: E731
+        resume = _agree(env, resume)
+        # one process: Ctrl-C/SIGTERM stop after the step with a checkpoint (torchrun ranks could not
+        # agree on the step without a collective per step, so they keep the default signals)
+        stop = None if env.distributed else guards.enter_context(GracefulStop(log))
+        return _train(cfg, out, env, device, resume, log, stop_after, stop)
 
+
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    env: DistEnv,
+    device: torch.device,
+    resume: bool,
+    log: Callable[[str], None],
+    stop_after: int | None,
+    stop: GracefulStop | None,
+) -> RunResult:
+    """:func:`train` once the run directory is held and the resume decision made."""
+    loop = cfg.train
     corpus = load_corpus(cfg.data)
     tokenizer = build_tokenizer(cfg.data, corpus)
     if cfg.model.vocab_size != tokenizer.vocab_size:
@@ -170,6 +209,7 @@ def train(
             return RunResult(**json.loads((out / "result.json").read_text()))
         log(f"resumed {out} at step {start}")
     elif env.is_main:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # an attempt that stopped before any checkpoint
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         (out / "run_info.json").write_text(json.dumps(run_info(), indent=2))
         log(
@@ -186,11 +226,10 @@ def train(
     metrics_path = out / "metrics.jsonl"
     # drop records past the checkpoint (written before a crash)
     loss_value, val_loss = math.nan, math.nan
-    if env.is_main and resume and metrics_path.exists():
-        kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= start]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    if env.is_main and resume:
+        kept = metrics_up_to(metrics_path, start)
         if kept:  # the result of a run that ends right here (it stopped before writing result.json)
-            loss_value = json.loads(kept[-1])["loss"]
+            loss_value = kept[-1]["loss"]
     metrics = metrics_path.open("a") if env.is_main else None
 
     def run_timing() -> dict[str, float]:
@@ -247,11 +286,18 @@ def train(
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-        if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end:
+        stopping = stop is not None and stop.requested
+        if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end or stopping:
             checkpoint(done)
+        if stopping:
+            bar.close()
+            metrics.close()
+            raise TrainingInterrupted(out, done, saved=True)
     bar.close()
     if metrics is not None:
         metrics.close()
+    if stop is not None and stop.requested:  # asked before the first step of this session finished
+        raise TrainingInterrupted(out, start, saved=False)
     if math.isnan(val_loss):
         val_loss = engine.evaluate(val_batches)
     tokens_per_s = tokens_per_step * timed_steps / timed_s if timed_s else math.nan
