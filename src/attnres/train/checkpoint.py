@@ -254,12 +254,15 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
     state_file = verified(p, "trainer_state.pt")
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only's refusal of anything but tensors and plain data
-        raise CheckpointError(
-            f"refused to load {state_file}: it holds objects other than tensors and plain data, which "
-            f"could run code when unpickled ({str(e).strip().splitlines()[-1]}). Do not resume a run "
-            "directory you do not trust with an older attnres"
-        ) from None
+    except pickle.UnpicklingError as e:
+        refused = [line for line in str(e).splitlines() if "GLOBAL" in line]  # an object, not plain data
+        if refused:
+            raise CheckpointError(
+                f"refused to load {state_file}: it holds objects other than tensors and plain data, "
+                f"which could run code when unpickled ({refused[0].strip()}); it was not written by "
+                "attnres train: do not resume a run directory you do not trust with another tool"
+            ) from None
+        raise CheckpointError(f"{state_file} is corrupted or truncated (not a torch file)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{state_file} is corrupted or truncated ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and state.get("weights_only"):
