@@ -189,7 +189,10 @@ def _as_received(state: object) -> object:
 
 # fp64; (logits, gradients) tolerances, relative, against the model's reference read. Chunks on the
 # reference read repeat the model's forward op for op: bitwise logits. Fused chunks differ from the
-# reference by the fused read's rounding (measured logits ~1e-15, gradients ~1e-14).
+# reference by the fused read's rounding, which depends on the CPU's vector width (measured logits
+# ~1e-15 with AVX2; up to 2.5e-14 absolute at logit RMS 0.2 with AVX-512, the native kernel built
+# for x86-64-v4; gradients ~1e-14). Logits are compared relative to their RMS, so a logit near zero
+# is not held to a tighter bound than the rest.
 CHUNK_IMPLS = {"reference": (0.0, 1e-12), "fused": (1e-12, 1e-10)}
 
 
@@ -218,7 +221,8 @@ def test_chained_chunks_equal_the_reference_model(
             state = chunk(_as_received(state))
     with use_impl("reference"):
         ref_logits = model(tokens)
-    torch.testing.assert_close(state, ref_logits, rtol=logit_tol, atol=logit_tol * 1e-2)
+    scale = ref_logits.detach().pow(2).mean().sqrt().item()
+    torch.testing.assert_close(state, ref_logits, rtol=logit_tol, atol=logit_tol * scale)
     lm_loss(state, targets).backward()
     lm_loss(ref_logits, targets).backward()
     ref = dict(model.named_parameters())
