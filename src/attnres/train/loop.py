@@ -23,6 +23,7 @@ from attnres.train.config import TrainConfig
 from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
 from attnres.train.engine import ReplicatedEngine, build_engine, check_world_size
 from attnres.train.optim import lr_multiplier
+from attnres.train.paths import make_dir
 
 
 @dataclass
@@ -93,7 +94,7 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
+        raise ValueError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
     return torch.device(name)
 
 
@@ -130,7 +131,7 @@ def train(
     device = env.device if env.distributed else device
     if env.is_main:
         _check_out_dir(out, resume)
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out, "run directory")
     else:
         log = lambda _msg: None  # noqa: E731
 
