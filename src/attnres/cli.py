@@ -7,8 +7,10 @@ against the config's fields and types.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from attnres.configs import ConfigError, apply_overrides
@@ -193,18 +195,63 @@ def _run(module: str, args: argparse.Namespace, extra: list[str]) -> None:
     importlib.import_module(module).main(args)
 
 
+#: errors whose message says what to fix: printed as one line (anything else keeps its traceback)
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError)
+
+
+def _disk_full(e: Exception) -> bool:
+    """Whether ``e`` is a write that failed for want of space."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    # safetensors wraps the OSError; checkpoints write torch's trainer state as plain bytes
+    return "No space left on device" in text or "os error 28" in text
+
+
+def environment_error(e: Exception, out: str | None) -> str | None:
+    """A one-line message for an error of the machine rather than the code, else ``None``.
+
+    Covers a full disk (saying whether the run directory ``out`` still holds its previous
+    checkpoint) and a file the process may not touch (permissions, a read-only file system).
+    """
+    filename = getattr(e, "filename", None)
+    if _disk_full(e):
+        message = "no space left on device" + (f" writing {filename}" if filename else "")
+        from attnres.train.checkpoint import has_checkpoint
+
+        if out and Path(out).is_dir() and has_checkpoint(out):
+            return f"{message}; the previous checkpoint in {out} is kept: free some space, then pass --resume"
+        return f"{message}; free some space and run again"
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{e.strerror}: {filename}" if filename else str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``attnres`` console script."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    """Entry point of the ``attnres`` console script.
+
+    A user's mistake (a bad flag, path or environment variable) or the machine's (a full disk) is
+    one line on stderr and exit status 2; a bug keeps its traceback.
+    """
+    prog, args = "attnres", None
     try:
+        parser = build_parser()  # imports the verbs' modules, which check ATTNRES_KERNELS
+        args, extra = parser.parse_known_args(argv)
+        prog = f"attnres {args.verb}"
         args.func(args, extra)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError) as e:
-        print(f"attnres {args.verb}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return
+    except USER_ERRORS as e:
+        message = str(e)
     except KeyboardInterrupt as e:  # a run stopped by Ctrl-C/SIGTERM says what it saved (TrainingInterrupted)
-        print(f"attnres {args.verb}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        found = environment_error(e, getattr(args, "out", None))
+        if found is None:
+            raise
+        message = found
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

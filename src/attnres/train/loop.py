@@ -25,6 +25,7 @@ from attnres.train.config import TrainConfig
 from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
 from attnres.train.engine import ReplicatedEngine, build_engine, check_world_size
 from attnres.train.optim import lr_multiplier
+from attnres.train.paths import make_dir
 from attnres.train.run_dir import GracefulStop, RunDirLock, TrainingInterrupted, metrics_up_to
 
 
@@ -96,7 +97,7 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
+        raise ValueError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
     return torch.device(name)
 
 
@@ -149,7 +150,7 @@ def train(
     device = env.device if env.distributed else device
     with contextlib.ExitStack() as guards:
         if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
+            make_dir(out, "run directory")
             guards.enter_context(RunDirLock(out))  # before looking inside: a second run is refused here
             resume = _check_out_dir(out, resume, log)
         else:
