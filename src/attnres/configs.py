@@ -7,6 +7,9 @@ ones, because a silently ignored typo in an experiment config produces a wrong a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
 import types
 import typing
 from collections.abc import Iterable
@@ -19,6 +22,55 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message says how to fix it."""
 
 
+def check_finite(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite real number; otherwise raise an error naming ``name``.
+
+    NaN passes every comparison (``nan <= 0`` is false), so range checks alone let it through.
+
+    Raises:
+        TypeError: ``value`` is not a real number (a string, ``None``, a bool …).
+        ValueError: ``value`` is NaN or infinite.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` if it is an integer (not a bool, not a float) ``>= minimum``; else an error naming ``name``.
+
+    Raises:
+        TypeError: ``value`` is not an integer (``2.5``, ``"4"``, ``True`` …).
+        ValueError: ``value`` is below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_numbers(obj: Any, prefix: str = "") -> None:
+    """Type-check every ``int`` and ``float`` field of dataclass ``obj`` (optional ones when set).
+
+    Float fields must be finite (:func:`check_finite`), int fields integers (:func:`check_int`);
+    errors name the field as ``prefix + name`` (``"model.init_std"``). Range checks stay with the
+    dataclass, which runs them after this.
+    """
+    for name, tp in _field_types(type(obj)).items():
+        tp, optional = _unwrap_optional(tp)
+        value = getattr(obj, name)
+        if optional and value is None:
+            continue
+        if tp is float:
+            check_finite(prefix + name, value)
+        elif tp is int:
+            check_int(prefix + name, value)
+
+
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from attnres.configs import check_int
 from attnres.residuals import ResidualConfig, ResidualScheme, build_residual
 
 
@@ -97,8 +98,9 @@ class AttnResidual(nn.Module):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        if n_sublayers < 1:
-            raise ValueError(f"n_sublayers must be >= 1, got {n_sublayers}")
+        check_int("d_model", d_model, minimum=1)
+        check_int("n_sublayers", n_sublayers, minimum=1)
+        # block_size and eps are checked (by name, finite) by ResidualConfig
         cfg = ResidualConfig(variant=variant, block_size=block_size, eps=eps)
         self.scheme = build_residual(cfg, d_model, n_sublayers)
 

@@ -24,8 +24,8 @@ def load_for_sampling(path: str | Path) -> tuple[Transformer, Any]:
         path: the run directory or its ``checkpoint/`` directory.
 
     Raises:
-        CheckpointError: naming the path and what is wrong, for a missing directory or a missing,
-            truncated or mismatched weights file.
+        CheckpointError: naming the path and what is wrong, for a missing directory, a missing,
+            truncated or mismatched weights file, or weights that hold NaN or inf.
     """
     from attnres.train.checkpoint import load_checkpoint_tokenizer, load_model
 
@@ -45,7 +45,31 @@ def load_for_sampling(path: str | Path) -> tuple[Transformer, Any]:
             f"could not load the checkpoint in {str(path)!r}: {type(err).__name__}: {err}. The files may be "
             "truncated or from another version; re-save it with `attnres train`, or point to another run"
         ) from err
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(
+            f"the checkpoint in {str(path)!r} holds NaN/inf weights ({shown}); the run probably "
+            "diverged: sample from an earlier checkpoint, or retrain"
+        )
     return model.eval(), tokenizer
+
+
+def check_text(prompt: str) -> None:
+    """Raise a ValueError unless ``prompt`` is valid Unicode text that encodes to UTF-8.
+
+    Command-line arguments that are not valid UTF-8 reach Python as lone surrogates
+    (``'\\udcff'`` for the byte ``0xff``), which no tokenizer can encode.
+    """
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(prompt[err.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise ValueError(
+            f"the prompt is not valid UTF-8 text ({what} at character {err.start}); pass it as UTF-8, "
+            "e.g. convert it with iconv"
+        ) from None
 
 
 def stream_text(
@@ -61,6 +85,7 @@ def stream_text(
     (``None``: as many as fit in the context). Text is decoded from all tokens so far and only the
     new suffix is yielded, so a character split across byte tokens appears once it is complete.
     """
+    check_text(prompt)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty (it encodes to no tokens); give at least one character")

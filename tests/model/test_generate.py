@@ -185,7 +185,7 @@ def test_bad_sampling_settings_are_rejected(kwargs: dict, match: str) -> None:
         ([], 4, "no prompts"),
         ([[1] * 25], 0, "more than the model's context"),
         ([[1] * 20], 5, "at most 4 new tokens fit"),
-        ([[1, 99]], 2, "outside"),
+        ([[1, 99]], 2, r"prompt 0.s token ids must lie in \[0, 99\)"),
         ([[1]], -1, "max_new_tokens must be"),
     ],
 )
@@ -202,7 +202,7 @@ def test_cache_misuse_is_rejected() -> None:
     with pytest.raises(ValueError, match="KV cache is full"):
         model(torch.tensor([[1, 2]]), cache=cache)
     with pytest.raises(ValueError, match="attention_mask must be"):
-        model(torch.tensor([[1, 2]]), cache=KVCache(model.cfg, 2, 4), attention_mask=torch.ones(2, 3))
+        model(torch.tensor([[1, 2], [3, 4]]), cache=KVCache(model.cfg, 2, 4), attention_mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match="attention_mask needs a KVCache"):
         model(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 2))
     with pytest.raises(ValueError, match="positions must lie in"):

@@ -77,14 +77,20 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
-    def begin(self, n_new: int, attention_mask: Tensor | None = None) -> Tensor:
+    def begin(self, n_new: int, attention_mask: Tensor | None = None, batch: int | None = None) -> Tensor:
         """Reserve slots for ``n_new`` tokens per row and return their RoPE positions ``[B, n_new]``.
 
         Args:
             n_new: tokens per row in this forward.
             attention_mask: ``[B, n_new]``, true (or 1) for real tokens and false for padding;
                 ``None``: all real.
+            batch: rows of this forward's tokens, checked against the cache's (``None``: unchecked).
         """
+        if batch is not None and batch != self.batch:
+            raise ValueError(
+                f"the tokens have batch size {batch} but this KVCache was made for batch size "
+                f"{self.batch}; use one cache per batch, e.g. KVCache(model.cfg, {batch}, capacity)"
+            )
         start, end = self.length, self.length + n_new
         if end > self.capacity:
             raise ValueError(

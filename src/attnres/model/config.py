@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from attnres.configs import check_numbers
 from attnres.residuals import ResidualConfig
 
 
@@ -43,6 +44,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.residual, dict):
             self.residual = ResidualConfig(**self.residual)
+        check_numbers(self, "model.")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -63,8 +65,9 @@ class ModelConfig:
             )
         if self.d_ff is not None and self.d_ff < 1:
             raise ValueError(f"model.d_ff must be >= 1 or None, got {self.d_ff}")
-        if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise ValueError("model.init_std, model.norm_eps and model.rope_theta must be > 0")
+        for name in ("init_std", "norm_eps", "rope_theta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def n_sublayers(self) -> int:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from attnres.configs import check_finite, check_int
 from attnres.model.cache import KVCache
-from attnres.model.transformer import Transformer
+from attnres.model.transformer import Transformer, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class SamplingConfig:
         temperature: ``0`` for greedy decoding, else ``> 0``.
         top_k: keep only the ``k`` most likely tokens (``None``: all).
         top_p: nucleus sampling, in ``(0, 1]`` (``1``: off).
-        seed: seed of the sampling generator.
+        seed: seed of the sampling generator, in ``[0, 2**64)``.
     """
 
     temperature: float = 1.0
@@ -40,6 +42,13 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_finite("temperature", self.temperature)
+        check_finite("top_p", self.top_p)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k)
+        check_int("seed", self.seed)
+        if not 0 <= self.seed < 2**64:  # torch.Generator seeds are unsigned 64-bit
+            raise ValueError(f"seed must lie in [0, 2**64), got {self.seed}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -49,7 +58,16 @@ class SamplingConfig:
 
 
 def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
-    """Choose one token per row from ``logits [B, vocab]``; returns ``[B]`` token ids."""
+    """Choose one token per row from ``logits [B, vocab]``; returns ``[B]`` token ids.
+
+    Raises:
+        ValueError: a logit is NaN or inf (greedy decoding would silently pick token 0).
+    """
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(
+            "the model's logits hold NaN or inf, so no token can be chosen; its weights are probably "
+            "not finite (a run that diverged): use an earlier checkpoint or retrain"
+        )
     if cfg.temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / cfg.temperature
@@ -113,27 +131,60 @@ def prefill(
     return torch.cat(pieces, dim=1) if all_logits else pieces[-1][:, -1]
 
 
-def _check_prompts(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+def _prompt_ids(i: int, prompt: Any) -> Tensor:
+    """Prompt ``i`` as a 1-D tensor, or a TypeError saying what it is instead."""
+    if isinstance(prompt, (str, bytes)):
+        raise TypeError(
+            f"prompt {i} is text ({prompt!r}); generation takes token ids: encode it with the tokenizer first"
+        )
+    if isinstance(prompt, Tensor):
+        ids = prompt
+    else:
+        try:
+            ids = torch.tensor(list(prompt))
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"prompt {i} must be a sequence of integer token ids, got {prompt!r} (prompts is a list of "
+                "token-id lists: for one prompt pass [ids])"
+            ) from None
+    if ids.dim() != 1:
+        raise ValueError(f"prompt {i} must be a flat sequence of token ids, got shape {tuple(ids.shape)}")
+    if ids.dtype in (torch.uint8, torch.int8, torch.int16):  # small ints (numpy arrays, say) are ids too
+        ids = ids.long()
+    return ids
+
+
+def _check_prompts(
+    model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """Validate the prompts and ``max_new_tokens``; return the prompts as lists of ids."""
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(
+            f"prompts must be a list of token-id lists, got text {prompts!r}; encode it with the "
+            "tokenizer and pass [ids]"
+        )
     if len(prompts) == 0:
         raise ValueError("no prompts given: pass a list of token-id lists")
+    check_int("max_new_tokens", max_new_tokens, minimum=0)
     seq_len, vocab = model.cfg.seq_len, model.cfg.vocab_size
+    out = []
     for i, p in enumerate(prompts):
-        if len(p) == 0:
+        ids = _prompt_ids(i, p)
+        if len(ids) == 0:
             raise ValueError(f"prompt {i} is empty; generation needs at least one token to condition on")
-        if len(p) > seq_len:
+        if len(ids) > seq_len:
             raise ValueError(
-                f"prompt {i} has {len(p)} tokens, more than the model's context model.seq_len={seq_len}; "
+                f"prompt {i} has {len(ids)} tokens, more than the model's context model.seq_len={seq_len}; "
                 "shorten the prompt"
             )
-        if len(p) + max_new_tokens > seq_len:
+        if len(ids) + max_new_tokens > seq_len:
             raise ValueError(
-                f"prompt {i} ({len(p)} tokens) + max_new_tokens={max_new_tokens} exceeds model.seq_len="
-                f"{seq_len}; at most {seq_len - len(p)} new tokens fit"
+                f"prompt {i} ({len(ids)} tokens) + max_new_tokens={max_new_tokens} exceeds model.seq_len="
+                f"{seq_len}; at most {seq_len - len(ids)} new tokens fit"
             )
-        if min(p) < 0 or max(p) >= vocab:
-            raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) (model.vocab_size)")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_token_ids(ids, vocab, what=f"prompt {i}'s token ids")
+        out.append(ids.tolist())
+    return out
 
 
 @torch.no_grad()
@@ -160,7 +211,7 @@ def stream(
         prefill_chunk: prompt tokens per prefill forward (``None``: the whole prompt at once).
     """
     sampling = SamplingConfig() if sampling is None else sampling
-    _check_prompts(model, prompts, max_new_tokens)
+    prompts = _check_prompts(model, prompts, max_new_tokens)
     if max_new_tokens == 0:
         return
     param = next(model.parameters())

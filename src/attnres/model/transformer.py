@@ -17,6 +17,38 @@ from attnres.model.cache import KVCache
 from attnres.model.config import ModelConfig
 from attnres.residuals import build_residual
 
+#: dtypes ``nn.Embedding`` takes as indices
+TOKEN_DTYPES = (torch.int64, torch.int32)
+
+
+def check_token_ids(tokens: Tensor, vocab_size: int, what: str = "token ids") -> None:
+    """Raise unless ``tokens`` is an integer tensor of ids in ``[0, vocab_size)``.
+
+    The one check of token ids, shared by the model's forward and by generation's prompts.
+
+    Args:
+        tokens: a tensor of any shape.
+        vocab_size: the model's ``vocab_size``.
+        what: how the error names the ids (``"token ids"``, ``"prompt 2's token ids"``).
+
+    Raises:
+        TypeError: ``tokens`` is not ``int64`` or ``int32`` (float, bool, uint8 … would be
+            truncated, reinterpreted or refused deep inside the embedding).
+        ValueError: an id is negative or ``>= vocab_size`` (skipped while ``torch.compile`` traces).
+    """
+    if tokens.dtype not in TOKEN_DTYPES:
+        raise TypeError(
+            f"{what} must be integers (torch.int64 or torch.int32), got dtype {tokens.dtype}; "
+            "tokenize text first, and convert integer-valued tensors with .long()"
+        )
+    if tokens.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"{what} must lie in [0, {vocab_size}) (model.vocab_size), got range [{lo}, {hi}]; "
+                "was the data tokenized with a different tokenizer?"
+            )
+
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """cos and sin tables ``[seq_len, head_dim / 2]`` in fp32."""
@@ -147,7 +179,12 @@ class Transformer(nn.Module):
         self.residual.reset_parameters()
 
     def check_tokens(self, tokens: Tensor) -> None:
-        """Raise a clear error for token ids outside ``[0, vocab_size)``, an empty or a too-long sequence."""
+        """Raise a clear error for non-integer tokens, ids outside ``[0, vocab_size)``, an empty or a
+        too-long sequence."""
+        if not isinstance(tokens, Tensor):
+            raise TypeError(
+                f"tokens must be a [batch, seq] tensor of integer ids, got {type(tokens).__name__}"
+            )
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq] integer ids, got shape {tuple(tokens.shape)}")
         if 0 in tokens.shape:
@@ -159,13 +196,7 @@ class Transformer(nn.Module):
                 f"sequence length {tokens.shape[1]} exceeds model.seq_len={self.cfg.seq_len}; "
                 "truncate the input or build the model with a larger seq_len"
             )
-        if tokens.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or hi >= self.cfg.vocab_size:
-                raise ValueError(
-                    f"token ids must lie in [0, {self.cfg.vocab_size}) (model.vocab_size), got range "
-                    f"[{lo}, {hi}]; was the data tokenized with a different tokenizer?"
-                )
+        check_token_ids(tokens, self.cfg.vocab_size)
 
     def hidden(
         self,
@@ -189,7 +220,7 @@ class Transformer(nn.Module):
         self.check_tokens(tokens)
         T = tokens.shape[1]
         if cache is not None:
-            row_positions = cache.begin(T, attention_mask)
+            row_positions = cache.begin(T, attention_mask, batch=tokens.shape[0])
             positions = row_positions if positions is None else positions
         elif attention_mask is not None:
             raise ValueError("attention_mask needs a KVCache: pass cache=KVCache(model.cfg, batch, T)")

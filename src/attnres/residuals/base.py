@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from attnres.configs import check_numbers
 from attnres.ops.dispatch import check_impl
 
 
@@ -93,6 +94,7 @@ class ResidualConfig:
             raise ValueError(
                 f"unknown residual variant {self.variant!r}; valid variants: {', '.join(variant_names())}"
             )
+        check_numbers(self, "residual.")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(
                 f"residual.block_size must be >= 1 sublayer (got {self.block_size}); "

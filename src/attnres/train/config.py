@@ -6,10 +6,9 @@ Override any leaf from the command line as ``--section.key=value`` (``--model.re
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
-from attnres.configs import config_diff
+from attnres.configs import check_numbers, config_diff
 from attnres.model import ModelConfig
 
 CORPORA = ("shakespeare", "torch", "text")
@@ -88,9 +87,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _choice("optim", "name", self.name, OPTIMIZERS)
-        for name in ("lr", "muon_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
-            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
-                raise ValueError(f"optim.{name} must be a finite number, got {getattr(self, name)}")
+        check_numbers(self, "optim.")  # NaN passes every comparison below
         if self.lr <= 0 or self.muon_lr <= 0:
             raise ValueError("optim.lr and optim.muon_lr must be > 0")
         if self.grad_clip < 0 or self.weight_decay < 0:
@@ -116,6 +113,7 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         _choice("schedule", "name", self.name, SCHEDULES)
+        check_numbers(self, "schedule.")
         if self.warmup_steps < 0:
             raise ValueError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 < self.decay_fraction <= 1.0:
