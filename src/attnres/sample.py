@@ -11,10 +11,7 @@ from typing import Any
 
 from attnres.model import Transformer
 from attnres.model.generate import SamplingConfig, stream
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete or unreadable."""
+from attnres.train.checkpoint import CheckpointError, load_checkpoint_tokenizer, load_model
 
 
 def load_for_sampling(path: str | Path) -> tuple[Transformer, Any]:
@@ -27,8 +24,6 @@ def load_for_sampling(path: str | Path) -> tuple[Transformer, Any]:
         CheckpointError: naming the path and what is wrong, for a missing directory, a missing,
             truncated or mismatched weights file, or weights that hold NaN or inf.
     """
-    from attnres.train.checkpoint import load_checkpoint_tokenizer, load_model
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(
