@@ -3,23 +3,45 @@
 :class:`attnres.ops.fused._DepthAttend` runs them for CPU tensors: they read each source once per
 read instead of the ~15 passes of the PyTorch-ops path (see the C++ file's header). Building needs a
 C++ compiler and ``ninja`` (a dependency of this package); it takes about half a minute, once per
-machine and kernel version: the library is cached under ``$ATTNRES_CACHE/native`` (default
-``~/.cache/attnres/native``) in a folder per torch version, Python version and source content, so
-every checkout of the same kernel shares one build. Without a
-compiler the read falls back to PyTorch ops, with one warning saying why; ``ATTNRES_KERNELS=torch``
-(or :func:`attnres.ops.dispatch.use_kernels`) chooses the PyTorch ops on purpose.
+environment and kernel version, and says so on stderr. Without a compiler the read falls back to
+PyTorch ops, with one warning saying why; ``ATTNRES_KERNELS=torch`` (or
+:func:`attnres.ops.dispatch.use_kernels`) chooses the PyTorch ops on purpose.
+
+Cache: the library is built under ``$ATTNRES_CACHE/native`` (default ``~/.cache/attnres/native``) in
+a folder per source content and toolchain (torch version and install path, Python headers, compiler,
+``ninja``, flags: everything ``ninja`` would rebuild for), so every checkout of the same kernel in the
+same environment shares one build, and two environments never rebuild each other's.
+
+Lock: builders of one folder take turns on an OS lock, ``<folder>/attnres.lock`` (``flock``; it holds
+the holder's PID). The OS drops it when its holder dies, so a killed build cannot leave it behind. A
+waiting process says which PID it waits for, and gives up after ``ATTNRES_BUILD_TIMEOUT`` seconds
+(default 600) with the usual warning and fallback. Inside, torch keeps its own lock file
+(``<folder>/lock``) that it waits on forever; under our lock no other attnres build can hold it, so
+one found there was left by a killed build and is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import shutil
 import sys
+import sysconfig
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so builds rely on torch's lock file alone (as before)
+    fcntl = None  # type: ignore[assignment]
+
 _SOURCE = Path(__file__).parent / "csrc" / "depth_attend.cpp"
+BUILD_MESSAGE = "attnres: building the native depth-read kernel (about 30 s, once)..."
 _module: ModuleType | None = None
 _failed = False
 
@@ -34,10 +56,12 @@ def cpu_kernels() -> ModuleType | None:
             _module = _build()
         except Exception as err:  # noqa: BLE001 - any build failure means: use the PyTorch-ops path
             _failed = True
+            # A compiler's error ends with its gist; the lines before are the whole build log.
+            why = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
             warnings.warn(
-                f"attnres: could not build the native CPU depth-read kernel ({type(err).__name__}: "
-                f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}); depth reads use "
-                "PyTorch ops instead (correct, slower). Set ATTNRES_KERNELS=torch to silence this.",
+                f"attnres: could not build the native CPU depth-read kernel ({type(err).__name__}: {why}); "
+                "depth reads use PyTorch ops instead (correct, slower). Set ATTNRES_KERNELS=torch to "
+                "silence this.",
                 stacklevel=2,
             )
             return None
@@ -49,33 +73,143 @@ def cpu_kernels() -> ModuleType | None:
 _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 
 
-def _build() -> ModuleType:
+def _target() -> tuple[str, dict[str, list[str]]]:
+    """The extension's name and compile/link flags for this CPU."""
     import torch
-    from torch.utils.cpp_extension import load
 
     level = torch.backends.cpu.get_cpu_capability()
-    name = f"attnres_depth_attend_{level.lower()}"
-    source = _SOURCE.read_bytes()
-    # Keyed by the source's content, and compiled from a copy inside the key: ninja rebuilds when a
-    # source *path* changes, so two checkouts of the same kernel would otherwise rebuild each other's
-    # library (and race on it when run side by side).
-    build_dir = Path(os.environ.get("ATTNRES_CACHE", "~/.cache/attnres")).expanduser() / "native"
-    build_dir = build_dir / (
-        f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-        f"-{hashlib.sha256(source).hexdigest()[:12]}"
-    )
+    flags = {"extra_cflags": ["-O3", "-fopenmp", *_ARCH_FLAGS.get(level, [])], "extra_ldflags": ["-fopenmp"]}
+    return f"attnres_depth_attend_{level.lower()}", flags
+
+
+def _toolchain(flags: dict[str, list[str]]) -> dict[str, str]:
+    """What goes into torch's ``build.ninja`` and ``ninja``'s own logs besides the source.
+
+    A change in any of these makes ``ninja`` recompile (its log keeps each command line's hash; a
+    ``ninja`` of another version discards the log), so each gets its own cache folder instead.
+    """
+    import torch
+
+    cxx = os.environ.get("CXX", "cl" if sys.platform == "win32" else "c++")  # as torch picks it
+    scheme = "nt" if sys.platform == "win32" else "posix_prefix"  # as torch finds Python.h
+
+    def resolved(program: str) -> str:
+        found = shutil.which(program)  # via PATH, as torch's subprocess finds it
+        return os.path.realpath(found) if found else ""
+
+    return {
+        "torch": torch.__version__,
+        "torch_path": str(Path(torch.__file__).absolute().parent),  # include and library paths
+        "python_include": sysconfig.get_path("include", scheme=scheme),
+        "cxx": f"{cxx}={resolved(cxx)}",
+        "ninja": resolved("ninja"),
+        "flags": json.dumps(flags, sort_keys=True),
+    }
+
+
+def _cache_key(source: bytes, toolchain: dict[str, str]) -> str:
+    """The cache folder's name: readable versions first, then a hash of the source and toolchain."""
+    digest = hashlib.sha256(source)
+    digest.update(json.dumps(toolchain, sort_keys=True).encode())
+    py = f"{sys.version_info.major}{sys.version_info.minor}"
+    return f"torch{toolchain['torch']}-py{py}-{digest.hexdigest()[:12]}"
+
+
+def _build_dir(flags: dict[str, list[str]]) -> Path:
+    """This kernel's cache folder in this environment."""
+    root = Path(os.environ.get("ATTNRES_CACHE", "~/.cache/attnres")).expanduser() / "native"
+    return root / _cache_key(_SOURCE.read_bytes(), _toolchain(flags))
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    name, flags = _target()
+    build_dir = _build_dir(flags)
     build_dir.mkdir(parents=True, exist_ok=True)
+    # Compiled from a copy inside the folder: ninja rebuilds when a source *path* changes, so two
+    # checkouts of the same kernel would otherwise rebuild each other's library.
     copy = build_dir / _SOURCE.name
     if not copy.exists():
         partial = copy.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(source)
+        partial.write_bytes(_SOURCE.read_bytes())
         os.replace(partial, copy)  # atomic: a concurrent builder never compiles half a file
-    if not (build_dir / f"{name}.so").exists():
-        print("attnres: building the native CPU depth-read kernel (once, about 30 s)...", file=sys.stderr)
-    return load(
-        name=name,
-        sources=[str(copy)],
-        extra_cflags=["-O3", "-fopenmp", *_ARCH_FLAGS.get(level, [])],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-    )
+    with _build_lock(build_dir) as exclusive:
+        baton = build_dir / "lock"
+        stale = exclusive and baton.exists()
+        if stale:
+            # Every attnres builder holds our lock while in load(), so no live one holds torch's:
+            # it was left by a killed build, and torch would wait on it forever.
+            baton.unlink(missing_ok=True)
+            print(f"attnres: removed {baton}, left by a killed build", file=sys.stderr)
+        if stale or not (build_dir / f"{name}.so").exists():
+            print(BUILD_MESSAGE, file=sys.stderr)
+        return load(name=name, sources=[str(copy)], build_directory=str(build_dir), **flags)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[bool]:
+    """Hold ``<build_dir>/attnres.lock`` exclusively; yields whether it could be held at all.
+
+    ``False`` (no ``flock`` on this platform or file system) means: build without it, as torch alone
+    would. Waits up to ``ATTNRES_BUILD_TIMEOUT`` seconds, then raises :class:`TimeoutError`.
+    """
+    path = build_dir / "attnres.lock"
+    if fcntl is None:
+        yield False
+        return
+    # Never deleted: removing a flock'd file lets a newcomer lock a fresh file next to the old one.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _acquire(fd, path, float(os.environ.get("ATTNRES_BUILD_TIMEOUT", "600"))):
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            yield True
+        finally:
+            os.ftruncate(fd, 0)  # so a waiter never names a PID that no longer holds it
+    finally:
+        os.close(fd)  # releases the flock (as the OS does when the process dies)
+
+
+def _acquire(fd: int, path: Path, timeout: float) -> bool:
+    """Take the flock on ``fd``, polling (so that the wait can end); ``False`` if locks are unsupported."""
+    assert fcntl is not None
+    start = time.monotonic()
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass  # held by another process
+        except OSError:  # e.g. a network file system without locks
+            return False
+        pid = _holder(path)
+        holder = f"process {pid}" if pid else "another process"
+        if not told:
+            told = True
+            print(BUILD_MESSAGE, file=sys.stderr)
+            print(
+                f"attnres: waiting for {holder}, which holds {path} (up to {timeout:g} s, "
+                "ATTNRES_BUILD_TIMEOUT)",
+                file=sys.stderr,
+            )
+        if time.monotonic() - start >= timeout:
+            raise TimeoutError(
+                f"waited {timeout:g} s for {holder} to finish building it (it holds {path}); if that "
+                f"is stuck, end it (kill {pid or '<the PID in that file>'}), or set "
+                "ATTNRES_BUILD_TIMEOUT to wait longer"
+            )
+        time.sleep(0.2)
+
+
+def _holder(path: Path) -> str | None:
+    """The PID the holder of the lock at ``path`` wrote into it (``None`` if not written yet)."""
+    with contextlib.suppress(OSError):
+        pid = path.read_text().strip()
+        if pid.isdigit():
+            return pid
+    return None
