@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from attnres.analysis.report import write_report
@@ -32,39 +35,35 @@ def test_report_of_an_unrelated_dir_says_what_to_pass(tmp_path):
         write_report(tmp_path)
 
 
-def _fake_run(run_dir, variant, seed, loss):
-    """A finished run without training: config, metrics, result and diagnostics of an untrained model."""
-    import dataclasses
-    import json
-
-    import torch
-
-    from attnres.analysis.diagnostics import save_diagnostics
-    from attnres.model import Transformer
-    from attnres.train.loop import RunResult
-
-    cfg = apply_overrides(get_preset("tiny"), {"model.residual.variant": variant})
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    (run_dir / "metrics.jsonl").write_text(
-        "".join(
-            json.dumps({"step": s, "loss": loss + 1 / s, "val_loss": loss + 1 / s}) + "\n" for s in (1, 2)
-        )
-    )
-    result = RunResult(variant, seed, 2, loss, loss, 100.0, 1000, 256, 1e6, 1.0)
-    (run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result)))
-    torch.manual_seed(seed)
-    x = torch.randint(0, cfg.model.vocab_size, (2, 9))
-    save_diagnostics(Transformer(cfg.model), x, x, run_dir)
-
-
-def test_report_table_and_plots_from_finished_runs(tmp_path):
+def test_report_table_and_plots_from_finished_runs(tmp_path, fake_run):
     for seed, (a, b) in enumerate([(2.0, 1.9), (2.2, 2.0), (2.1, 2.05)]):
-        _fake_run(tmp_path / f"prenorm-s{seed}", "prenorm", seed, a)
-        _fake_run(tmp_path / f"block-s{seed}", "block", seed, b)
+        fake_run(tmp_path / f"prenorm-s{seed}", "prenorm", seed, a)
+        fake_run(tmp_path / f"block-s{seed}", "block", seed, b)
     text = write_report(tmp_path).read_text()
     # block - prenorm per seed: -0.1, -0.2, -0.05 -> mean -0.1167, t(2) = 4.303
     assert "| block | 3 | 1.9833 ± 0.0764 | -0.1167 [-0.3064, +0.0731], n = 3 |" in text
     for name in ("loss_curves.png", "profiles.png", "read_entropy.png", "depth_weights_block.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name
     assert not (tmp_path / "depth_weights_prenorm.png").exists()
+
+
+COMMITTED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "compare_quick"
+
+
+def test_report_of_the_committed_compare_quick_regenerates_it_byte_for_byte(tmp_path):
+    """The committed runs keep result.json and diagnostics.json only (no config.json, no
+    metrics.jsonl): the report is made from those, is the committed report.md, and a second run
+    writes the same PNG bytes, with no matplotlib version in them."""
+    root = tmp_path / "compare_quick"
+    shutil.copytree(COMMITTED, root, ignore=shutil.ignore_patterns("*.png", "report.md"))
+    text = write_report(root).read_text()
+    assert text == (COMMITTED / "report.md").read_text()
+    assert "| rezero | 2 | 4.5648 ± 0.0003 | -0.1816 [-0.3439, -0.0192], n = 2 |" in text
+    pngs = sorted(p.name for p in root.glob("*.png"))
+    assert pngs == sorted(p.name for p in COMMITTED.glob("*.png"))
+    assert "final_losses.png" in pngs and "loss_curves.png" not in pngs  # no metrics.jsonl committed
+    first = {name: (root / name).read_bytes() for name in pngs}
+    assert not any(b"matplotlib" in data for data in first.values())
+    write_report(root)
+    assert {name: (root / name).read_bytes() for name in pngs} == first
+    assert (root / "report.md").read_text() == text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from attnres.analysis.plots import VariantStyle, legend_outside, save_figure, variant_styles  # noqa: E402
 
 _PROFILES = [
     ("output_rms", "output RMS (Fig. 5b)"),
@@ -26,29 +29,37 @@ def mean_profile(diags: list[dict[str, Any]], key: str) -> np.ndarray:
     return np.mean([[s[key] for s in d["sublayers"]] for d in diags], axis=0)
 
 
-def plot_profiles(runs: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
-    """Per-sublayer magnitudes and gradient norms, one line per variant (mean over its seeds)."""
+def plot_profiles(
+    runs: dict[str, list[dict[str, Any]]],
+    path: str | Path,
+    title: str = "",
+    styles: Mapping[str, VariantStyle] | None = None,
+) -> Path:
+    """Per-sublayer magnitudes and gradient norms, one line per variant (mean over its seeds), in
+    ``styles`` (default: :func:`variant_styles` of ``runs``)."""
+    styles = styles or variant_styles(runs)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    for i, (variant, diags) in enumerate(runs.items()):
-        style = "-" if i < 10 else "--"
+    for variant, diags in runs.items():
         for ax, (key, _) in zip(axes, _PROFILES, strict=True):
             y = mean_profile(diags, key)
-            ax.plot(np.arange(len(y)), y, style, marker="o", ms=3, label=variant)
+            ax.plot(np.arange(len(y)), y, **styles[variant].kw(), marker="o", ms=3, label=variant)
     for ax, (_, label) in zip(axes, _PROFILES, strict=True):
         ax.set(xlabel="sublayer (even: attention, odd: MLP)", ylabel=label, yscale="log", title=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8, ncol=2)
+    legend_outside(axes[-1])
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
 
 
-def plot_entropy(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Path | None:
-    """Entropy of each read relative to uniform (``H / log N``), per read site; ``None`` if no reads."""
+def plot_entropy(
+    runs: dict[str, list[dict[str, Any]]], path: str | Path, styles: Mapping[str, VariantStyle] | None = None
+) -> Path | None:
+    """Entropy of each read relative to uniform (``H / log N``), per read site, in ``styles``;
+    ``None`` if no variant has reads."""
+    styles = styles or variant_styles(runs)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = False
     for variant, diags in runs.items():
@@ -59,7 +70,7 @@ def plot_entropy(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Pat
         rel = [
             np.mean([rs[s]["entropy"] / rs[s]["max_entropy"] for rs in reads]) for s in sites
         ]  # the first read has one source: no entropy to speak of
-        ax.plot(sites, rel, marker="o", ms=3, label=variant)
+        ax.plot(sites, rel, **styles[variant].kw(), marker="o", ms=3, label=variant)
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -68,11 +79,9 @@ def plot_entropy(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Pat
            title="how spread each depth read is (1 = uniform)", ylim=(0, 1.05))  # fmt: skip
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
 
 
 def depth_weight_matrix(diags: list[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
@@ -132,6 +141,4 @@ def plot_depth_weights(diags: list[dict[str, Any]], path: str | Path, title: str
     )  # fmt: skip
     fig.colorbar(im, ax=list(axes), shrink=0.8, label="weight (mean over tokens)")
     fig.suptitle(title, fontsize=11)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)

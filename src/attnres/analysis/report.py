@@ -1,4 +1,12 @@
-"""``attnres report DIR``: turn a run directory or a compare directory into ``report.md`` + PNGs."""
+"""``attnres report DIR``: turn a run directory or a compare directory into ``report.md`` + PNGs.
+
+The report uses what each run directory still holds, so it also works on results committed
+without their checkpoints or logs: ``result.json`` gives the summary table, ``metrics.jsonl`` the
+loss curves (without any, the final losses of ``result.json`` are plotted instead),
+``diagnostics.json`` the profiles and heatmaps, and ``config.json`` the setup line. A hand-written
+``notes.md`` in the directory is copied under the title. The same files give the same report,
+byte for byte, PNGs included.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +15,29 @@ from pathlib import Path
 from typing import Any
 
 from attnres.analysis.diagnostics import load_diagnostics
-from attnres.analysis.stats import format_mean_std
+from attnres.analysis.plots import METRICS_FILE, VariantStyle, variant_styles
+from attnres.analysis.stats import format_difference, format_mean_std, variant_stats
+
+RESULT_FILE = "result.json"
+CONFIG_FILE = "config.json"
+NOTES_FILE = "notes.md"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _find_runs(root: Path) -> dict[str, list[Path]]:
-    """``{variant: [run dirs by seed]}`` for a compare directory (subdirs with ``result.json``) or
-    for a single run directory."""
-    if (root / "metrics.jsonl").exists():
-        variant = json.loads((root / "config.json").read_text())["model"]["residual"]["variant"]
-        return {variant: [root]}
+    """``{variant: [run dirs by seed]}`` for a compare directory (subdirs with ``result.json``,
+    directly or under ``runs/`` as in the committed results) or for a single run directory
+    (``result.json``, ``metrics.jsonl`` or ``config.json`` in it)."""
+    if any((root / name).exists() for name in (RESULT_FILE, METRICS_FILE, CONFIG_FILE)):
+        named = _read_json(root / RESULT_FILE) or _read_json(root / CONFIG_FILE)["model"]["residual"]
+        return {named["variant"]: [root]}
     runs: dict[str, list[tuple[int, Path]]] = {}
-    for result in sorted(root.glob("*/result.json")):
-        r = json.loads(result.read_text())
-        runs.setdefault(r["variant"], []).append((r["seed"], result.parent))
+    for path in sorted([*root.glob(f"*/{RESULT_FILE}"), *root.glob(f"runs/*/{RESULT_FILE}")]):
+        r = json.loads(path.read_text())
+        runs.setdefault(r["variant"], []).append((r["seed"], path.parent))
     if not runs:
         raise FileNotFoundError(
             f"{root} is neither a run directory (metrics.jsonl) nor a compare directory (*/result.json); "
@@ -29,9 +47,21 @@ def _find_runs(root: Path) -> dict[str, list[Path]]:
     return {v: [d for _, d in sorted(runs[v])] for v in order if v in runs}
 
 
-def _table(rows: list[dict[str, Any]], baseline: str) -> list[str]:
-    from attnres.train.compare import format_difference
+def _setup(runs: dict[str, list[Path]]) -> str | None:
+    """The shared setup in words, from the first run with a ``config.json`` (``None`` if none has one)."""
+    cfg = next((c for dirs in runs.values() for d in dirs if (c := _read_json(d / CONFIG_FILE))), None)
+    if cfg is None:
+        return None
+    m = cfg["model"]
+    return (
+        f"{cfg['data']['corpus']} ({cfg['data']['tokenizer']} tokens), d = {m['d_model']}, "
+        f"{m['n_layers']} layers = {2 * m['n_layers']} sublayers, seq_len {m['seq_len']}, "
+        f"{cfg['train']['steps']} steps of "
+        f"{cfg['train']['batch_size']} sequences, optimiser {cfg['optim']['name']} lr {cfg['optim']['lr']}"
+    )
 
+
+def _table(rows: list[dict[str, Any]], baseline: str) -> list[str]:
     out = [
         f"| variant | seeds | val loss (mean ± std) | vs {baseline}: paired diff [95% t CI] "
         "| tokens/run | FLOPs/run | params | tokens/s |",
@@ -48,37 +78,73 @@ def _table(rows: list[dict[str, Any]], baseline: str) -> list[str]:
     return out
 
 
+def _loss_section(
+    root: Path,
+    runs: dict[str, list[Path]],
+    results: dict[str, list[dict[str, Any]]],
+    baseline: str,
+    styles: dict[str, VariantStyle],
+    title: str,
+) -> list[str]:
+    """Loss curves of the runs with ``metrics.jsonl``; without any, the final losses of ``result.json``."""
+    from attnres.analysis.plots import plot_final_losses, plot_loss_curves
+
+    logged = {v: [d for d in dirs if (d / METRICS_FILE).exists()] for v, dirs in runs.items()}
+    logged = {v: dirs for v, dirs in logged.items() if dirs}
+    unlogged = [d.name for dirs in runs.values() for d in dirs if not (d / METRICS_FILE).exists()]
+    if logged:
+        plot_loss_curves(logged, root / "loss_curves.png", title=title, styles=styles)
+        lines = [
+            "## Loss curves",
+            "",
+            "![loss curves](loss_curves.png)",
+            "",
+            "Each line is the mean over a variant's seeds, the band their min–max; the right panel "
+            "zooms on the last 30% of training (shaded on the others).",
+            "",
+        ]
+        if unlogged:
+            lines += [f"Not drawn (no `{METRICS_FILE}`): {', '.join(unlogged)}.", ""]
+        return lines
+    if not any(results.values()):
+        return []
+    plot_final_losses(
+        {v: rs for v, rs in results.items() if rs}, root / "final_losses.png", baseline, styles=styles
+    )
+    return [
+        "## Final losses",
+        "",
+        f"These runs keep no `{METRICS_FILE}`, so there are no loss curves; the losses at the end of "
+        f"training from each run's `{RESULT_FILE}` (train loss: the last step's batch).",
+        "",
+        "![final losses](final_losses.png)",
+        "",
+    ]
+
+
 def write_report(run_or_compare_dir: str | Path, baseline: str = "prenorm") -> Path:
     """Write ``report.md`` and its plots into the directory; return the report's path.
 
-    Plots: loss curves, per-sublayer magnitude and gradient profiles overlaid across variants
-    (mean over seeds), read entropy, and one depth-attention heatmap per variant that has reads.
+    Plots: loss curves (or final losses), per-sublayer magnitude and gradient profiles overlaid
+    across variants (mean over seeds), read entropy, and one depth-attention heatmap per variant
+    that has reads. A variant has the same colour and line style in every plot.
     """
-    from attnres.analysis.plots import plot_loss_curves
     from attnres.analysis.profiles import plot_depth_weights, plot_entropy, plot_profiles
-    from attnres.train.compare import variant_stats
-    from attnres.train.loop import RunResult
 
     root = Path(run_or_compare_dir)
     runs = _find_runs(root)
-    cfg = json.loads((next(iter(runs.values()))[0] / "config.json").read_text())
-    m = cfg["model"]
-    setup = (
-        f"{cfg['data']['corpus']} ({cfg['data']['tokenizer']} tokens), d = {m['d_model']}, "
-        f"{m['n_layers']} layers = {2 * m['n_layers']} sublayers, seq_len {m['seq_len']}, "
-        f"{cfg['train']['steps']} steps of "
-        f"{cfg['train']['batch_size']} sequences, optimiser {cfg['optim']['name']} lr {cfg['optim']['lr']}"
-    )
-    lines = [f"# Report: {root.name}", "", f"Setup: {setup}.", ""]
+    styles = variant_styles(runs)
+    setup = _setup(runs)
+    lines = [f"# Report: {root.name}", ""]
+    if (root / NOTES_FILE).exists():
+        lines += [(root / NOTES_FILE).read_text().strip(), ""]
+    if setup:
+        lines += [f"Setup: {setup}.", ""]
 
-    results = [
-        RunResult(**json.loads((d / "result.json").read_text()))
-        for dirs in runs.values()
-        for d in dirs
-        if (d / "result.json").exists()
-    ]
-    if results:
-        lines += ["## Summary", "", *_table(variant_stats(results, baseline), baseline), ""]
+    results = {v: [r for d in dirs if (r := _read_json(d / RESULT_FILE))] for v, dirs in runs.items()}
+    flat = [r for rs in results.values() for r in rs]
+    if flat:
+        lines += ["## Summary", "", *_table(variant_stats(flat, baseline), baseline), ""]
         lines += [
             "Validation loss at the end of training. The paired difference subtracts the baseline run "
             "with the same seed (same initial weights of the shared modules and the same data order); "
@@ -86,13 +152,18 @@ def write_report(run_or_compare_dir: str | Path, baseline: str = "prenorm") -> P
             "× tokens, plus attention scores.",
             "",
         ]
-    plot_loss_curves(runs, root / "loss_curves.png", title=setup.split(", optimiser")[0])
-    lines += ["## Loss curves", "", "![loss curves](loss_curves.png)", ""]
+    title = setup.split(", optimiser")[0] if setup else ""
+    lines += _loss_section(root, runs, results, baseline, styles, title)
 
     diags = {v: [x for x in (load_diagnostics(d) for d in dirs) if x is not None] for v, dirs in runs.items()}
     diags = {v: ds for v, ds in diags.items() if ds}
     if diags:
-        plot_profiles(diags, root / "profiles.png", title="per sublayer, on a held-out batch after training")
+        plot_profiles(
+            diags,
+            root / "profiles.png",
+            title="per sublayer, on a held-out batch after training",
+            styles=styles,
+        )
         lines += [
             "## Training dynamics (paper Fig. 5)",
             "",
@@ -102,7 +173,7 @@ def write_report(run_or_compare_dir: str | Path, baseline: str = "prenorm") -> P
             "![profiles](profiles.png)",
             "",
         ]
-        if plot_entropy(diags, root / "read_entropy.png"):
+        if plot_entropy(diags, root / "read_entropy.png", styles=styles):
             lines += ["### Read entropy", "", "![read entropy](read_entropy.png)", ""]
         heat = [v for v, ds in diags.items() if ds[0]["reads"]]
         if heat:

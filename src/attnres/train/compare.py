@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from attnres.analysis.stats import format_mean_std, mean_std, paired_difference
+from attnres.analysis.stats import format_difference, format_mean_std, variant_stats
 from attnres.residuals import variant_names
 from attnres.train.checkpoint import has_checkpoint, load_config
 from attnres.train.config import TrainConfig, resume_conflicts
@@ -128,7 +127,8 @@ def compare(
                 name = run_name(*futures[fut])
                 log(f"{name}: val loss {result.final_val_loss:.4f} ({result.seconds:.0f} s)")
     results = [done[v, s] for v in variants for s in range(seeds)]
-    summary = {"runs": [dataclasses.asdict(r) for r in results], "variants": variant_stats(results)}
+    records = [dataclasses.asdict(r) for r in results]
+    summary = {"runs": records, "variants": variant_stats(records)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_loss_curves(
         {v: [out / run_name(v, s) for s in range(seeds)] for v in variants},
@@ -139,49 +139,16 @@ def compare(
     return results
 
 
-def variant_stats(results: list[RunResult], baseline: str = "prenorm") -> list[dict]:
-    """Per variant: seeds, mean ± std validation loss, the paired difference to ``baseline``
-    (same seeds) with its 95% t interval, and per-run tokens, FLOPs, parameters and throughput."""
-
-    by_variant: dict[str, list[RunResult]] = {}
-    for r in results:
-        by_variant.setdefault(r.variant, []).append(r)
-    base = {r.seed: r.final_val_loss for r in by_variant.get(baseline, [])}
-    rows = []
-    for variant, rs in by_variant.items():
-        mean, std = mean_std([r.final_val_loss for r in rs])
-        diff = paired_difference({r.seed: r.final_val_loss for r in rs}, base) if base else None
-        rows.append({
-            "variant": variant, "seeds": len(rs), "val_loss_mean": mean, "val_loss_std": std,
-            "diff_vs_" + baseline: None if diff is None else dataclasses.asdict(diff),
-            "train_tokens": rs[0].train_tokens, "train_flops": rs[0].train_flops, "n_params": rs[0].n_params,
-            "tokens_per_s": statistics.fmean(r.tokens_per_s for r in rs),
-            "seconds": statistics.fmean(r.seconds for r in rs),
-        })  # fmt: skip
-    return rows
-
-
-def format_difference(row: dict, baseline: str = "prenorm") -> str:
-    """A :func:`variant_stats` row's paired difference to ``baseline`` as text, with its 95% CI."""
-    d = row.get("diff_vs_" + baseline)
-    if row["variant"] == baseline:
-        return "(baseline)"
-    if d is None:
-        return "n/a"
-    if d["n"] < 2:
-        return f"{d['mean']:+.4f} (1 seed, no CI)"
-    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], n = {d['n']}"
-
-
 def summary_table(results: list[RunResult], baseline: str = "prenorm") -> str:
-    """A plain-text table of :func:`variant_stats`: the compute per run, so runs compare at equal
-    compute, and each variant's paired difference to the baseline with its 95% interval."""
+    """A plain-text table of :func:`~attnres.analysis.stats.variant_stats`: the compute per run, so
+    runs compare at equal compute, and each variant's paired difference to the baseline with its
+    95% interval."""
     head = (
         f"{'variant':<13} {'seeds':>5} {'val loss (mean ± std)':>22} {'vs ' + baseline + ' [95% CI]':>34} "
         f"{'tokens':>9} {'FLOPs':>9} {'params':>9} {'tok/s':>7}"
     )
     lines = [head, "-" * len(head)]
-    for row in variant_stats(results, baseline):
+    for row in variant_stats([dataclasses.asdict(r) for r in results], baseline):
         delta = format_difference(row, baseline)
         lines.append(
             f"{row['variant']:<13} {row['seeds']:>5} "
