@@ -33,7 +33,7 @@ from attnres.train.checkpoint import (
     record_checksums,
 )
 from attnres.train.compare import compare
-from attnres.train.run_dir import LOCK_FILE, RunDirBusy, metrics_up_to
+from attnres.train.run_dir import LOCK_FILE, RunDirBusy, TrainingInterrupted, metrics_up_to
 
 
 def _tiny(cache_dir: str, steps: int = 3, **overrides: str):
@@ -131,12 +131,19 @@ def test_ctrl_c_or_sigterm_leave_a_resumable_checkpoint(tmp_path, cache_dir, sig
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     step = load_trainer_state(run)["step"]
-    assert f"interrupted; checkpoint at step {step} saved" in err and "--resume" in err
+    assert f"interrupted; checkpoint at step {step} saved in {run}" in err and "--resume" in err
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, step + 1))  # metrics and checkpoint agree
     main(["train", "--out", str(run), "--resume", f"--train.steps={step + 2}"])
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, step + 3))
+
+
+def test_the_interruption_survives_compare_jobs_process_pool() -> None:
+    import pickle
+
+    again = pickle.loads(pickle.dumps(TrainingInterrupted(Path("runs/a"), 7, saved=True)))
+    assert (again.out, again.step, again.saved) == (Path("runs/a"), 7, True) and "step 7" in str(again)
 
 
 def test_a_run_killed_before_its_first_checkpoint_restarts_in_place(tmp_path, cache_dir, capsys) -> None:

@@ -41,8 +41,14 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, out: Path, step: int, saved: bool) -> None:
         self.out, self.step, self.saved = out, step, saved
-        where = f"checkpoint at step {step} saved" if saved else "no step finished, nothing to save"
-        super().__init__(f"interrupted; {where}; continue with: attnres train --out {out} --resume")
+        where = f"checkpoint at step {step} saved in {out}" if saved else f"no step of {out} finished"
+        super().__init__(
+            f"interrupted; {where}; continue with: attnres train --out {out} --resume "
+            "(for attnres compare: the same compare command)"
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[Path, int, bool]]:  # crosses compare --jobs' process pool
+        return type(self), (self.out, self.step, self.saved)
 
 
 class RunDirLock:
