@@ -1,19 +1,25 @@
 """``attnres <verb>``: thin wrappers over library functions.
 
-Config overrides are dotted flags, ``--section.key=value`` (or ``--section.key value``), checked
-against the config's fields and types.
+A training config is built in layers: the preset (``--preset``, default ``quick``), then a config
+file (``--config FILE``, JSON or YAML, complete or partial: keys it leaves out keep the preset's
+values), then dotted flags ``--section.key=value`` (or ``--section.key value``), each checked
+against the config's fields and types. ``--print-config`` prints the result and exits; ``--help``
+lists every key, from the config dataclasses' docstrings, and the presets.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
+import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from attnres.configs import ConfigError, apply_overrides
+from attnres.configs import ConfigError, apply_dict, apply_overrides, describe_keys, load_config_file
 
 if TYPE_CHECKING:
     from attnres.train.config import TrainConfig
@@ -40,15 +46,30 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
     return overrides
 
 
-def _config(preset: str, extra: list[str]) -> TrainConfig:
+DEFAULT_PRESET = "quick"
+
+
+def _config(args: argparse.Namespace, extra: list[str], base: TrainConfig | None = None) -> TrainConfig:
+    """The layered config: ``--preset`` (else ``base``, else the default preset), then the
+    ``--config`` file, then the ``--section.key=value`` flags in ``extra``."""
     from attnres.train import get_preset
 
-    return apply_overrides(get_preset(preset), parse_overrides(extra))
+    if args.preset or base is None:
+        base = get_preset(args.preset or DEFAULT_PRESET)
+    if args.config:
+        data = load_config_file(args.config)  # its errors name the file
+        try:
+            base = apply_dict(base, data)
+        except ConfigError as e:
+            raise ConfigError(f"--config {args.config}: {e}") from None
+    return apply_overrides(base, parse_overrides(extra))
+
+
+def _print_config(cfg: TrainConfig) -> None:
+    print(json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
-    import dataclasses
-
     import torch.distributed as dist
 
     from attnres.train import train
@@ -57,10 +78,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
 
     if args.resume:
         cfg = run_config(args.out)
-        if args.preset or extra:
-            requested = (
-                _config(args.preset, extra) if args.preset else apply_overrides(cfg, parse_overrides(extra))
-            )
+        if args.preset or args.config or extra:
+            requested = _config(args, extra, base=cfg)
             diff = resume_conflicts(cfg, requested)
             if diff:
                 raise ConfigError(
@@ -70,7 +89,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
                 )
             cfg = dataclasses.replace(cfg, train=requested.train, parallel=requested.parallel)
     else:
-        cfg = _config(args.preset or "quick", extra)
+        cfg = _config(args, extra)
+    if args.print_config:
+        _print_config(cfg)
+        return
     group_was_ours = not dist.is_initialized()  # a caller's own group is left to the caller
     result = train(cfg, args.out, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
@@ -93,7 +115,10 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
             f"attnres compare sets {', '.join(sorted(overridden))} itself: choose variants with "
             "--variants and the number of seeds (0 … N-1) with --seeds"
         )
-    cfg = _config(args.preset, extra)
+    cfg = _config(args, extra)
+    if args.print_config:  # the shared config; compare sets the variant and the seed of each run
+        _print_config(cfg)
+        return
     results = compare(cfg, parse_variants(args.variants), args.seeds, args.out, jobs=args.jobs)
     print()
     print(summary_table(results))
@@ -128,22 +153,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train one model",
-        description="Train one model. Extra flags "
-        "--section.key=value override the preset (e.g. --model.residual.variant=full).",
+        description="Train one model. The config is the preset, then --config FILE, then the "
+        "--section.key=value flags (e.g. --model.residual.variant=full).",
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", default=None, help="preset name (default: quick)")
+    _add_config_arguments(p)
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (its saved config, with any changes "
+        "--preset, --config or flags make to the keys a resume may change)",
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("compare", help="train several variants on identical data and seeds")
-    p.add_argument("--preset", default="quick")
+    p = sub.add_parser(
+        "compare",
+        help="train several variants on identical data and seeds",
+        description="Train several variants on identical data and seeds; the shared config is built "
+        "as for attnres train.",
+        epilog=config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_arguments(p)
     p.add_argument("--variants", default="prenorm,block,full", help="comma-separated names, or 'all'")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument(
         "--jobs", type=int, default=1, help="runs trained in parallel (each gets cores/jobs threads)"
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="directory of the runs, the summary and the curves")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("sample", help="stream text generated by a trained checkpoint")
@@ -179,6 +218,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="the --out of attnres train or attnres compare")
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--preset``, ``--config`` and ``--print-config`` of ``train`` and ``compare``."""
+    parser.add_argument("--preset", default=None, help=f"preset name (default: {DEFAULT_PRESET}; see below)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="a JSON or YAML (needs PyYAML) config file laid over the preset: a run's config.json, "
+        "or a partial one; flags apply on top",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as JSON and exit"
+    )
+
+
+def config_help(width: int = 100) -> str:
+    """``--help``'s list of every config key (type, default, one-line doc) and of the presets.
+
+    Built from the config dataclasses' ``Attributes:`` docstrings (:func:`describe_keys`) and the
+    preset functions' docstrings, so it cannot drift from the code.
+    """
+    from attnres.train.presets import PRESETS, get_preset
+
+    lines = [f"config keys (--section.key=value; default: the value in --preset {DEFAULT_PRESET}):"]
+    for key in describe_keys(get_preset(DEFAULT_PRESET)):
+        lines.append(f"  {key.key} ({key.type}, default {key.default!r})")
+        if key.doc:
+            lines += textwrap.wrap(key.doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    lines += ["", "presets (--preset NAME):"]
+    for name, fn in PRESETS.items():
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        lines += textwrap.wrap(f"{name}: {doc}", width, initial_indent="  ", subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 def _add_arguments(module: str, parser: argparse.ArgumentParser) -> None:

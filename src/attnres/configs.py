@@ -1,19 +1,27 @@
 """Dataclass configs: strict loading from dicts and type-checked dotted overrides.
 
-Shared by the model and training configs. An unknown key is always an error that lists the valid
-ones, because a silently ignored typo in an experiment config produces a wrong answer.
+Shared by the model and training configs. An unknown key is always an error that suggests the
+nearest valid ones, because a silently ignored typo in an experiment config produces a wrong answer.
+Configs also load from JSON or YAML files (:func:`load_config_file`, :func:`apply_dict`), and
+:func:`describe_keys` lists every key with its type, default and the one-line doc from its
+dataclass's ``Attributes:`` docstring section.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
+import inspect
+import json
 import math
 import numbers
+import re
 import types
 import typing
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -126,14 +134,40 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
 
 
+def unknown_key_message(key: str, valid: list[str]) -> str:
+    """``unknown config key 'train.lr'; did you mean optim.lr?``: the valid keys nearest ``key``.
+
+    Keys with the same last part come first (``train.lr`` -> ``optim.lr``), then close spellings
+    (:func:`difflib.get_close_matches`); then the names in ``key``'s section (``model.*``), or the
+    sections when ``key``'s is not one. Never the whole list of keys.
+    """
+    leaf = key.rpartition(".")[2]
+    near = [k for k in valid if k.rpartition(".")[2] == leaf]
+    near += [k for k in difflib.get_close_matches(key, valid, n=3, cutoff=0.6) if k not in near]
+    message = f"unknown config key {key!r}"
+    if near:
+        message += f"; did you mean {' or '.join(near[:3])}?"
+    section = key.rpartition(".")[0]
+    inside = [k[len(section) + 1 :] for k in valid if section and k.startswith(section + ".")]
+    # the section's own keys in full, a subsection as section.sub.*
+    names = dict.fromkeys(
+        f"{section}.{k}" if "." not in k else f"{section}.{k.split('.')[0]}.*" for k in inside
+    )
+    if names:
+        return f"{message} (keys in {section}: {', '.join(names)})"
+    if near:
+        return message
+    sections = dict.fromkeys(k.split(".")[0] for k in valid)
+    return f"{message}; keys start with: {', '.join(s + '.' for s in sections)}"
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict; unknown keys raise :class:`ConfigError`."""
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"valid keys: {', '.join(prefix + k for k in types_)}"
+            "; ".join(unknown_key_message(prefix + k, [prefix + v for v in types_]) for k in unknown)
         )
     kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
@@ -151,17 +185,17 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def apply_overrides(cfg: T, overrides: dict[str, str]) -> T:
+def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
     """Return a copy of ``cfg`` with dotted ``{"section.key": "value"}`` overrides applied.
 
-    Values are parsed to the field's declared type; the copy is re-validated by each dataclass's
-    ``__post_init__``.
+    Values (strings from the command line, or the JSON/YAML values of a config file) are parsed to
+    the field's declared type; the copy is re-validated by each dataclass's ``__post_init__``.
     """
     data = dataclasses.asdict(cfg)
     all_keys = valid_keys(type(cfg))
     for dotted, raw in overrides.items():
         if dotted not in all_keys:
-            raise ConfigError(f"unknown config key {dotted!r}; valid keys: {', '.join(all_keys)}")
+            raise ConfigError(unknown_key_message(dotted, all_keys))
         node, node_cls = data, type(cfg)
         *path, leaf = dotted.split(".")
         for part in path:
@@ -186,3 +220,129 @@ def config_diff(a: Any, b: Any, ignore: Iterable[str] = ()) -> list[str]:
         return out
 
     return walk(dataclasses.asdict(a), dataclasses.asdict(b), "")
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as dotted keys: ``{"model": {"d_model": 64}}`` -> ``{"model.d_model": 64}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + str(key)] = value
+    return flat
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The nested dict in a JSON (``.json``) or YAML (``.yaml``/``.yml``, needs PyYAML) config file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ModuleNotFoundError: a YAML file without PyYAML installed.
+        ConfigError: the file does not parse, or does not hold a mapping of sections.
+    """
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(
+                f"{path} is YAML, which needs PyYAML: pip install 'attnres[yaml]' (or use JSON)"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ConfigError(
+                f"{path} is not valid YAML ({where}{problem or str(e).splitlines()[0]})"
+            ) from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); YAML files end in .yaml or .yml") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def apply_dict(cfg: T, data: dict[str, Any]) -> T:
+    """A copy of ``cfg`` with the (partial, nested) ``data`` of a config file laid over it.
+
+    Keys absent from ``data`` keep ``cfg``'s values; every key present is checked and typed as
+    :func:`apply_overrides` checks a command-line override.
+    """
+    return apply_overrides(cfg, flatten(data))
+
+
+class KeyDoc(NamedTuple):
+    """One config key for ``--help``: dotted name, type, default and one-line description."""
+
+    key: str
+    type: str
+    default: Any
+    doc: str
+
+
+_ATTRIBUTE = re.compile(r"^(\s+)([A-Za-z_]\w*(?:,\s*[A-Za-z_]\w*)*):\s+(.*)$")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> description, parsed from the ``Attributes:`` part of ``cls``'s docstring.
+
+    An entry is ``name: text`` (or ``a, b: text`` for several fields), continued by lines indented
+    deeper than it. Entries may sit under several headed groups after ``Attributes:`` (as in
+    ``ResidualConfig``); only names of ``cls``'s fields count. RST double backticks are dropped.
+    """
+    doc = inspect.getdoc(cls) or ""
+    _, found, rest = doc.partition("Attributes:")
+    if not found:
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    entries: list[tuple[list[str], list[str]]] = []  # (field names, lines of text)
+    indent, open_entry = -1, False
+    for line in rest.splitlines():
+        match = _ATTRIBUTE.match(line)
+        fields = [n.strip() for n in match.group(2).split(",")] if match else []
+        if match and set(fields) <= names:
+            indent, open_entry = len(match.group(1)), True
+            entries.append((fields, [match.group(3).strip()]))
+        elif open_entry and line.strip() and len(line) - len(line.lstrip()) > indent:
+            entries[-1][1].append(line.strip())
+        else:  # a blank line or a group heading ends the entry
+            open_entry = False
+    return {name: " ".join(text).replace("``", "") for fields, text in entries for name in fields}
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text`` (up to a ``.`` followed by a space and a capital letter)."""
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", text.strip(), maxsplit=1)[0]
+
+
+def type_name(tp: Any) -> str:
+    """A field type as written in the source: ``int``, ``int | None``, ``tuple[str, ...]``."""
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    name = str(tp).replace("typing.", "").replace("NoneType", "None")
+    return re.sub(r"<class '(\w+)'>", r"\1", name)
+
+
+def describe_keys(cfg: Any, prefix: str = "") -> list[KeyDoc]:
+    """Every leaf key of dataclass instance ``cfg`` with its type, value in ``cfg`` and one-line doc.
+
+    The doc is the first sentence of the field's entry in its dataclass's ``Attributes:``
+    docstring (:func:`field_docs`); ``""`` for an undocumented field.
+    """
+    cls = type(cfg)
+    docs = field_docs(cls)
+    out: list[KeyDoc] = []
+    for name, tp in _field_types(cls).items():
+        value = getattr(cfg, name)
+        if dataclasses.is_dataclass(value):
+            out += describe_keys(value, f"{prefix}{name}.")
+        else:
+            out.append(KeyDoc(prefix + name, type_name(tp), value, first_sentence(docs.get(name, ""))))
+    return out

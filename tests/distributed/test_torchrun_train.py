@@ -8,6 +8,7 @@ test_data_parallel for why Adam turns ~1e-7 gradient differences into ~1e-6 weig
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -23,9 +24,13 @@ STEPS = ("--train.steps=4", "--train.eval_every=2")
 def test_torchrun_matches_one_process_and_resumes_on_one(dp_shard: bool, train_cli, tmp_path: Path) -> None:
     shard = f"--parallel.dp_shard={str(dp_shard).lower()}"
     train_cli(tmp_path / "one", 1, *STEPS)
-    train_cli(tmp_path / "two", 2, *STEPS, shard)
+    logger = ("--train.logger=tensorboard",) if importlib.util.find_spec("tensorboard") else ()
+    train_cli(tmp_path / "two", 2, *STEPS, shard, *logger)
+    if logger:  # rank 0 alone logs: one event file
+        assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     losses = train_cli.losses
-    for key in ("loss", "val_loss"):  # DDP: each rank evaluates half the validation batches
+    # DDP: each rank evaluates half the validation batches; the gradient norm is the global one
+    for key in ("loss", "val_loss", "grad_norm"):
         torch.testing.assert_close(
             torch.tensor(losses(tmp_path / "two", key)),
             torch.tensor(losses(tmp_path / "one", key)),
@@ -46,9 +51,13 @@ def test_torchrun_matches_one_process_and_resumes_on_one(dp_shard: bool, train_c
     # ... and under a pipeline, whose chunk optimisers take their rows of the saved state
     pipeline = ("--parallel.dp_shard=false", "--parallel.pp=2")
     train_cli(tmp_path / "two-pp", 2, *STEPS, "--resume", "--train.steps=6", *pipeline)
-    torch.testing.assert_close(
-        torch.tensor(losses(tmp_path / "two-pp")), torch.tensor(losses(tmp_path / "two")), rtol=1e-5, atol=0
-    )
+    for key in ("loss", "grad_norm"):  # the pipeline's norm is summed over its stages
+        torch.testing.assert_close(
+            torch.tensor(losses(tmp_path / "two-pp", key)),
+            torch.tensor(losses(tmp_path / "two", key)),
+            rtol=1e-5,
+            atol=0,
+        )
     train_cli(tmp_path / "one", 2, *STEPS, "--resume", "--train.steps=6")
     torch.testing.assert_close(
         torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=0

@@ -15,6 +15,7 @@ CORPORA = ("shakespeare", "torch", "text")
 TOKENIZERS = ("byte", "bpe")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
+LOGGERS = ("none", "tensorboard", "wandb")
 
 
 def _choice(section: str, key: str, value: str, valid: tuple[str, ...]) -> None:
@@ -135,6 +136,9 @@ class LoopConfig:
         device: ``cpu``, ``cuda`` or ``auto``.
         threads: torch CPU threads (0: leave torch's default).
         progress: show a progress bar.
+        logger: also log metrics and diagnostics to ``none``, ``tensorboard`` (``OUT/tensorboard/``)
+            or ``wandb`` (``OUT/wandb/``; set ``WANDB_MODE=offline`` to keep it local); a side
+            channel beside ``metrics.jsonl`` (see ``attnres.train.loggers``).
     """
 
     steps: int = 200
@@ -147,6 +151,7 @@ class LoopConfig:
     device: str = "auto"
     threads: int = 0
     progress: bool = True
+    logger: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_tokens"):
@@ -155,6 +160,7 @@ class LoopConfig:
         if self.checkpoint_every < 0 or self.threads < 0:
             raise ValueError("train.checkpoint_every and train.threads must be >= 0")
         _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train", "logger", self.logger, LOGGERS)
 
 
 @dataclass
@@ -246,6 +252,7 @@ RESUME_MAY_CHANGE = frozenset(
         "train.threads",
         "train.device",
         "train.checkpoint_every",
+        "train.logger",
         "model.vocab_size",
     }
 )

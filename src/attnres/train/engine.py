@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from attnres.distributed.data_parallel import (
     DistEnv,
@@ -47,6 +49,20 @@ from attnres.train.config import ParallelConfig, TrainConfig
 from attnres.train.optim import OptimizerGroup, build_optimizer
 
 Batch = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimiser step reports, the same on every rank.
+
+    Attributes:
+        loss: the global batch's mean loss.
+        grad_norm: the global gradient norm before clipping, as the clipping computed it (no
+            extra pass); ``None`` when clipping is off (``optim.grad_clip=0``).
+    """
+
+    loss: float
+    grad_norm: float | None
 
 
 @torch.no_grad()
@@ -93,10 +109,10 @@ class Engine(ABC):
     description: str
 
     @abstractmethod
-    def train_step(self, x: Tensor, y: Tensor) -> float:
+    def train_step(self, x: Tensor, y: Tensor) -> StepStats:
         """Forward, backward, gradient clipping and optimiser step on the global batch ``[B, T]``.
 
-        Returns the batch's mean loss, the same on every rank.
+        Returns the batch's mean loss and the gradient norm, the same on every rank.
         """
 
     @abstractmethod
@@ -129,15 +145,22 @@ class ReplicatedEngine(Engine):
         kind = "FSDP2" if cfg.parallel.dp_shard else "DDP"
         self.description = f"{env.world_size} {kind} ranks" if env.distributed else ""
 
-    def train_step(self, x: Tensor, y: Tensor) -> float:
+    def train_step(self, x: Tensor, y: Tensor) -> StepStats:
         x, y = (shard_batch(t, self.env).to(self.env.device) for t in (x, y))
         loss = lm_loss(self.model(x), y)
         loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        norm = None
+        if self.grad_clip:  # DDP: gradients are averaged already, so every rank has the global norm
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            if isinstance(norm, DTensor):  # FSDP2: each rank holds a partial norm; a collective
+                norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return mean_over_ranks(loss, self.env).item()
+        loss = mean_over_ranks(loss, self.env).detach().float()
+        if norm is None:
+            return StepStats(loss.item(), None)
+        loss_value, norm_value = torch.stack([loss, norm.float()]).tolist()  # one device sync
+        return StepStats(loss_value, norm_value)
 
     def evaluate(self, batches: list[Batch]) -> float:
         env = self.env
@@ -193,13 +216,12 @@ class PipelineEngine(Engine):
             f"cross-stage cache {'on' if par.attnres_cache else 'off'})"
         )
 
-    def train_step(self, x: Tensor, y: Tensor) -> float:
+    def train_step(self, x: Tensor, y: Tensor) -> StepStats:
         loss, _ = self.runner.step(x.to(self.env.device), y.to(self.env.device), self.microbatches)
-        if self.grad_clip:
-            clip_grad_norm_across(self.params, self.grad_clip)
+        norm = clip_grad_norm_across(self.params, self.grad_clip) if self.grad_clip else None
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return loss
+        return StepStats(loss, None if norm is None else norm.item())
 
     def evaluate(self, batches: list[Batch]) -> float:
         for chunk in self.chunks:

@@ -23,7 +23,8 @@ from attnres.model import Transformer
 from attnres.train.checkpoint import has_checkpoint, load_model, load_trainer_state, save_checkpoint
 from attnres.train.config import TrainConfig
 from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
-from attnres.train.engine import ReplicatedEngine, build_engine, check_world_size
+from attnres.train.engine import Engine, ReplicatedEngine, build_engine, check_world_size
+from attnres.train.loggers import NullLogger, open_logger, require_logger
 from attnres.train.optim import lr_multiplier
 from attnres.train.paths import make_dir
 from attnres.train.run_dir import GracefulStop, RunDirLock, TrainingInterrupted, metrics_up_to
@@ -145,6 +146,7 @@ def train(
     if loop.threads:
         torch.set_num_threads(loop.threads)
     device = _device(loop.device)
+    require_logger(loop.logger)  # a missing package is refused before the run directory is touched
     env = init_distributed(device.type)  # under torchrun: join the group; rank 0 alone writes
     check_world_size(cfg.parallel, env, cfg.train.batch_size)
     device = env.device if env.distributed else device
@@ -159,7 +161,14 @@ def train(
         # one process: Ctrl-C/SIGTERM stop after the step with a checkpoint (torchrun ranks could not
         # agree on the step without a collective per step, so they keep the default signals)
         stop = None if env.distributed else guards.enter_context(GracefulStop(log))
-        return _train(cfg, out, env, device, resume, log, stop_after, stop)
+        return _train(cfg, out, env, device, resume, log, stop_after, stop, guards)
+
+
+def _plain_model(engine: Engine, env: DistEnv) -> Transformer | None:
+    """The engine's model when diagnostics can hook it (one process, whole model), else ``None``."""
+    if env.distributed or not isinstance(engine, ReplicatedEngine):
+        return None
+    return engine.model
 
 
 def _train(
@@ -171,8 +180,10 @@ def _train(
     log: Callable[[str], None],
     stop_after: int | None,
     stop: GracefulStop | None,
+    guards: contextlib.ExitStack,
 ) -> RunResult:
-    """:func:`train` once the run directory is held and the resume decision made."""
+    """:func:`train` once the run directory is held and the resume decision made; ``guards``
+    closes what the run opens (its logger) however it ends."""
     loop = cfg.train
     corpus = load_corpus(cfg.data)
     tokenizer = build_tokenizer(cfg.data, corpus)
@@ -232,6 +243,15 @@ def _train(
         if kept:  # the result of a run that ends right here (it stopped before writing result.json)
             loss_value = kept[-1]["loss"]
     metrics = metrics_path.open("a") if env.is_main else None
+    # a side channel beside metrics.jsonl: rank 0 alone; diagnostics need the plain model
+    logger = (
+        guards.enter_context(open_logger(loop.logger, out, start, dataclasses.asdict(cfg)))
+        if env.is_main
+        else NullLogger()
+    )
+    plain = _plain_model(engine, env)
+    # the diagnostics' held-out batch (at each evaluation for the logger, and at the end)
+    held_out = tuple(t.to(device) for t in val_batches[0]) if plain is not None else ()
 
     def run_timing() -> dict[str, float]:
         return {
@@ -267,7 +287,8 @@ def _train(
     for step in bar:
         t0 = time.perf_counter()
         optimizer.set_lr(lr_multiplier(step, loop.steps, cfg.schedule))
-        loss_value = engine.train_step(*batches.train_batch(step))
+        stats = engine.train_step(*batches.train_batch(step))
+        loss_value = stats.loss
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss became {loss_value} at step {step + 1}; lower optim.lr")
         dt = time.perf_counter() - t0
@@ -279,13 +300,19 @@ def _train(
             "lr": optimizer.param_groups[0]["lr"],
             "tokens_per_s": tokens_per_step / dt,
         }
+        if stats.grad_norm is not None:
+            record["grad_norm"] = stats.grad_norm
         done = step + 1
-        if done % loop.eval_every == 0 or done == loop.steps:
+        evaluating = done % loop.eval_every == 0 or done == loop.steps
+        if evaluating:
             val_loss = engine.evaluate(val_batches)
             record["val_loss"] = val_loss
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+        logger.log_scalars(done, {k: v for k, v in record.items() if k != "step"})
+        if evaluating and plain is not None:
+            logger.log_diagnostics(done, plain, *held_out)
         bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
         stopping = stop is not None and stop.requested
         if (loop.checkpoint_every and done % loop.checkpoint_every == 0) or done == end or stopping:
@@ -314,11 +341,10 @@ def _train(
         train_flops=end * tokens_per_step * flops_per_token,
         seconds=run_timing()["seconds"],
     )
-    if end == loop.steps and not env.distributed and isinstance(engine, ReplicatedEngine):
-        # diagnostics need the plain model (hooks, one process); distributed runs skip them
+    if end == loop.steps and plain is not None:  # distributed runs skip the diagnostics
         from attnres.analysis.diagnostics import save_diagnostics
 
-        save_diagnostics(engine.model, *(t.to(device) for t in val_batches[0]), out)  # a held-out batch
+        save_diagnostics(plain, *held_out, out)
     if end == loop.steps and env.is_main:
         (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     return result
