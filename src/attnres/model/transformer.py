@@ -204,6 +204,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        layer_inputs: list[Tensor] | None = None,
     ) -> Tensor:
         """The final read's output ``[B, T, d]``, before the final norm.
 
@@ -216,6 +217,10 @@ class Transformer(nn.Module):
                 each row continues from its own count of real tokens.
             attention_mask: ``[B, T]``, false (or 0) marks padding, which no token attends to
                 (needs ``cache``; left-pad prompts of different lengths).
+            layer_inputs: a list to which the input of every Transformer layer is appended, in
+                order: the residual stream's read that feeds the layer's attention sublayer
+                (sublayer ``2i``; for AttnRes, that sublayer's depth read; for ``prenorm``, the
+                running sum, so layer 0's input is the embedding).
         """
         self.check_tokens(tokens)
         T = tokens.shape[1]
@@ -231,7 +236,10 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, hd/2]
         state = self.residual.init_state(self.embed(tokens))
         for layer, sublayer in enumerate(self.sublayers):
-            out = sublayer(self.residual.layer_input(state, layer), cos, sin, cache=cache)
+            h = self.residual.layer_input(state, layer)
+            if layer_inputs is not None and layer % 2 == 0:
+                layer_inputs.append(h)
+            out = sublayer(h, cos, sin, cache=cache)
             state = self.residual.update(state, layer, out)
         return self.residual.final(state)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -31,14 +32,30 @@ def register(name: str) -> Callable[[type[ResidualScheme]], type[ResidualScheme]
     return deco
 
 
+def variant_modules() -> list[str]:
+    """Dotted names of the modules beside this one, each of which may register variants.
+
+    In the package these are the modules of ``attnres/residuals/``. In the remote-code copy of a
+    Hugging Face folder (:mod:`attnres.hf.remote_code`) the package is flattened, this file is
+    ``residuals_registry.py`` and the variants are the ``residuals_*`` files beside it: the same rule
+    (same folder, same name prefix as this file's) finds them in both.
+    """
+    here = Path(__file__)
+    prefix = here.stem.removesuffix("registry")
+    package = __name__.rpartition(".")[0]
+    return [
+        f"{package}.{info.name}"
+        for info in sorted(pkgutil.iter_modules([str(here.parent)]), key=lambda m: m.name)
+        if info.name.startswith(prefix) and info.name != here.stem
+    ]
+
+
 def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    import attnres.residuals as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    for name in variant_modules():
+        importlib.import_module(name)
     _loaded = True
 
 
