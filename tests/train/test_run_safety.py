@@ -283,6 +283,14 @@ def _from_hf_resumed(run: Path, tmp: Path) -> list[str]:
     return ["train", "--out", str(tmp / "back"), "--resume", "--train.steps=4"]
 
 
+def _hf_folder_with_a_pickle(run: Path, tmp: Path) -> list[str]:
+    pytest.importorskip("transformers")
+    main(["convert", "--to-hf", str(run), str(tmp / "hf")])
+    (tmp / "hf" / "model.safetensors").unlink()
+    torch.save({"payload": _RunsCode(tmp / "pwned")}, tmp / "hf" / "pytorch_model.bin")
+    return ["convert", "--from-hf", str(tmp / "hf"), str(tmp / "back")]
+
+
 CHECKPOINT_CASES = [
     pytest.param(
         _truncated_state, "trainer_state.pt is corrupted or truncated", id="truncated-trainer-state"
@@ -294,6 +302,7 @@ CHECKPOINT_CASES = [
         _other_vocabulary, r"has \d+ tokens but the model was trained on 257", id="tokenizer-other-vocab"
     ),
     pytest.param(_hf_folder_sampled, "is a Hugging Face transformers folder", id="sample-on-hf-folder"),
+    pytest.param(_hf_folder_with_a_pickle, "holds no model.safetensors", id="from-hf-pickled-weights"),
     pytest.param(_from_hf_resumed, "holds weights only .*convert --from-hf", id="from-hf-resumed"),
 ]
 
@@ -312,3 +321,4 @@ def test_a_damaged_or_foreign_checkpoint_is_one_clear_line(
     assert exit_info.value.code == 2 and "error:" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
+    assert not (tmp_path / "pwned").exists()

@@ -122,7 +122,12 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
 
     hf_dir = Path(hf_dir)
     AttnResConfig.from_pretrained(hf_dir)  # a clear error for another architecture, before weights load
-    model = from_hf_model(AttnResForCausalLM.from_pretrained(hf_dir))
+    if not any((hf_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise FileNotFoundError(
+            f"{hf_dir} holds no model.safetensors: weights are read from safetensors only, never from "
+            "a pickled pytorch_model.bin (re-save it with save_pretrained(safe_serialization=True))"
+        )
+    model = from_hf_model(AttnResForCausalLM.from_pretrained(hf_dir, use_safetensors=True))
     stored = hf_dir / TRAIN_CONFIG_FILE
     if stored.is_file():
         train_cfg = from_dict(TrainConfig, json.loads(stored.read_text()))
