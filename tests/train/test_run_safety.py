@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -247,6 +248,19 @@ def _truncated_state(run: Path, tmp: Path) -> list[str]:
 def _random_state(run: Path, tmp: Path) -> list[str]:
     _rewrite(run, "trainer_state.pt", os.urandom(2000))
     return ["train", "--out", str(run), "--resume", "--train.steps=4"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_bytes_as_trainer_state_are_always_corrupted_not_a_crash(tmp_path, seed: int) -> None:
+    # garbage fails the weights-only unpickler in many ways (UnpicklingError, IndexError, KeyError …)
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    for name in CHECKPOINT_FILES:
+        (ckpt / name).write_bytes(b"{}")
+    (ckpt / "trainer_state.pt").write_bytes(random.Random(seed).randbytes(200 + 50 * seed))
+    record_checksums(ckpt)
+    with pytest.raises(CheckpointError, match="is corrupted or truncated"):
+        load_trainer_state(ckpt)
 
 
 def _state_of_another_kind(run: Path, tmp: Path) -> list[str]:

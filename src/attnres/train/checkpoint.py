@@ -272,7 +272,7 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
                 "attnres train: do not resume a run directory you do not trust with another tool"
             ) from None
         raise CheckpointError(f"{state_file} is corrupted or truncated (not a torch file)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - garbage makes the unpickler fail in any way (IndexError, KeyError …)
         raise CheckpointError(f"{state_file} is corrupted or truncated ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and state.get("weights_only"):
         raise CheckpointError(
