@@ -15,6 +15,7 @@ CORPORA = ("shakespeare", "torch", "text")
 TOKENIZERS = ("byte", "bpe")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")  # litgpt's names
 
 
 def _choice(section: str, key: str, value: str, valid: tuple[str, ...]) -> None:
@@ -135,6 +136,12 @@ class LoopConfig:
         device: ``cpu``, ``cuda`` or ``auto``.
         threads: torch CPU threads (0: leave torch's default).
         progress: show a progress bar.
+        precision: ``fp32`` (default); ``bf16-mixed`` or ``fp16-mixed``: forward and loss (of
+            training and evaluation) under ``torch.autocast`` with fp32 weights, ``fp16-mixed`` with a
+            gradient scaler whose state is checkpointed; ``bf16-true``: the model cast to bf16.
+            Depth-read statistics stay fp32 in every mode (:mod:`attnres.train.precision`). bf16
+            needs a CUDA device with bf16 support (or the CPU); ``fp16-mixed`` does not combine with
+            FSDP2 (``parallel.dp_shard``) or pipelines (``parallel.pp > 1``). A resumed run keeps it.
     """
 
     steps: int = 200
@@ -147,6 +154,7 @@ class LoopConfig:
     device: str = "auto"
     threads: int = 0
     progress: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_tokens"):
@@ -155,6 +163,7 @@ class LoopConfig:
         if self.checkpoint_every < 0 or self.threads < 0:
             raise ValueError("train.checkpoint_every and train.threads must be >= 0")
         _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train", "precision", self.precision, PRECISIONS)
 
 
 @dataclass
@@ -228,6 +237,13 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        if self.train.precision == "fp16-mixed" and (self.parallel.pipeline or self.parallel.dp_shard):
+            raise ValueError(
+                "train.precision=fp16-mixed does not combine with "
+                + ("parallel.pp > 1" if self.parallel.pipeline else "parallel.dp_shard=true (FSDP2)")
+                + ": its gradient scaler would check for overflow in this rank's gradients only, so "
+                "ranks could disagree on skipping a step; use one of: fp32, bf16-mixed, bf16-true"
+            )
         if self.parallel.pipeline and self.train.batch_size % self.parallel.n_microbatches:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} does not split into "
