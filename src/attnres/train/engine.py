@@ -252,7 +252,7 @@ class PipelineEngine(Engine):
         if gathered is None:
             return None, None
         with torch.random.fork_rng(devices=[]):  # building a model draws an init; training must not see it
-            plain = Transformer(self.model_cfg)
+            plain = self.precision.prepare(Transformer(self.model_cfg))  # the chunks' weight dtype
         like = dict(plain.named_parameters())
         plain.load_state_dict(assemble(like, [p for weights, _ in gathered for p in weights]))
         state = full_optimizer_state(self.full_optimizer, [p for _, opt in gathered for p in opt], like)
