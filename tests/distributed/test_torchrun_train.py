@@ -62,3 +62,20 @@ def test_torchrun_matches_one_process_and_resumes_on_one(dp_shard: bool, train_c
     torch.testing.assert_close(
         torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=0
     )
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_pipeline_trains_in_bf16_like_one_process(precision: str, train_cli, tmp_path: Path) -> None:
+    """Under bf16 the stage messages keep the parameter dtype (fp32 stream under autocast, bf16 for
+    bf16-true), so a 2-stage pipeline runs and tracks the one-process run; micro-batches change the
+    order of the loss reduction and the bf16 matmul shapes, hence the bf16-sized tolerance."""
+    flags = (*STEPS, f"--train.precision={precision}", "--model.residual.variant=block")
+    train_cli(tmp_path / "one", 1, *flags)
+    train_cli(tmp_path / "pp", 2, *flags, "--parallel.pp=2")
+    for key in ("loss", "val_loss"):
+        torch.testing.assert_close(
+            torch.tensor(train_cli.losses(tmp_path / "pp", key)),
+            torch.tensor(train_cli.losses(tmp_path / "one", key)),
+            rtol=2e-2,
+            atol=0,
+        )

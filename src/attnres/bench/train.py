@@ -2,7 +2,10 @@
 
 Every arm builds its model from the same seed and trains on the same batch with AdamW. Arms run
 interleaved, ``repeats`` times, and the median is reported. AttnRes variants run once per
-depth-read implementation in ``--impls`` (``reference`` is the "before", ``auto`` the "after").
+depth-read implementation in ``--impls`` (``reference`` is the "before", ``auto`` the "after"),
+and every arm once per ``--precisions`` entry (``train.precision`` names: autocast around forward and
+loss for ``*-mixed``, the model cast for ``bf16-true``; an arm's ratios are to the prenorm of its
+precision).
 
 Memory is the bytes saved for backward by one training forward (unique storages) plus parameters,
 gradients and AdamW state (4 × parameters): the CPU allocator has no peak counter.
@@ -22,6 +25,7 @@ from attnres.bench.measure import interleaved_medians, machine, saved_bytes
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.ops.dispatch import use_impl
 from attnres.residuals import ResidualConfig, variant_names
+from attnres.train.precision import Precision, check_precision_supported
 
 SIZES = {
     "tiny": dict(d_model=32, n_layers=2, n_heads=4, seq_len=16, batch=2),  # smoke tests
@@ -43,8 +47,11 @@ def run(args: argparse.Namespace) -> dict:
     variants = variant_names() if args.variants == "all" else args.variants.split(",")
     variants = [v for v in variants if v != "prenorm"]
     size = SIZES[args.size]
+    precisions = args.precisions.split(",")
+    for precision in precisions:
+        check_precision_supported(precision, torch.device("cpu"))
     if not args.pairwise:
-        rows = _measure(["prenorm", *variants], size, args.impls.split(","), args.repeats)
+        rows = _measure(["prenorm", *variants], size, args.impls.split(","), args.repeats, precisions)
     else:
         rows = []
         spawn = multiprocessing.get_context("spawn")
@@ -56,6 +63,7 @@ def run(args: argparse.Namespace) -> dict:
                     size,
                     args.impls.split(","),
                     args.repeats,
+                    precisions,
                     torch.get_num_threads(),
                 )
                 pair = pool.submit(_measure_in_child, *job).result()
@@ -64,62 +72,70 @@ def run(args: argparse.Namespace) -> dict:
                       file=sys.stderr, flush=True)  # fmt: skip
             rows += pair if i == 0 else pair[1:]
     return {"bench": "train", "size": args.size, "shape": size, "repeats": args.repeats,
-            "pairwise": args.pairwise, "rows": rows, "machine": machine()}  # fmt: skip
+            "precisions": precisions, "pairwise": args.pairwise, "rows": rows,
+            "machine": machine()}  # fmt: skip
 
 
 def _measure_in_child(
-    variants: list[str], size: dict, impls: list[str], repeats: int, threads: int
+    variants: list[str], size: dict, impls: list[str], repeats: int, precisions: list[str], threads: int
 ) -> list[dict]:
     torch.set_num_threads(threads)
-    return _measure(variants, size, impls, repeats)
+    return _measure(variants, size, impls, repeats, precisions)
 
 
-def _measure(variants: list[str], size: dict, impls: list[str], repeats: int) -> list[dict]:
-    """Rows for ``variants`` (the first is the baseline), their arms interleaved in one run."""
+def _measure(
+    variants: list[str], size: dict, impls: list[str], repeats: int, precisions: list[str]
+) -> list[dict]:
+    """Rows for ``variants`` (the first is the baseline) × ``precisions``, all arms interleaved in one run."""
     batch = size["batch"]
     model_kw = {k: v for k, v in size.items() if k != "batch"}
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 256, (batch, size["seq_len"] + 1), generator=gen)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
-    arms, fwd_arms, memory = {}, {}, {}
-    for variant in variants:
-        for impl in impls if variant in ATTNRES else ["-"]:
-            name = variant if impl == "-" else f"{variant}[{impl}]"
-            torch.manual_seed(0)
-            model = Transformer(ModelConfig(vocab_size=256, residual=ResidualConfig(variant), **model_kw))
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            mode = "auto" if impl == "-" else impl  # other variants read as they do by default
+    arms, fwd_arms, memory, base_of = {}, {}, {}, {}
+    for precision in precisions:
+        prec = Precision(precision, torch.device("cpu"))
+        suffix = "" if len(precisions) == 1 else f" {precision}"
+        for variant in variants:
+            for impl in impls if variant in ATTNRES else ["-"]:
+                name = (variant if impl == "-" else f"{variant}[{impl}]") + suffix
+                base_of[name] = variants[0] + suffix
+                torch.manual_seed(0)
+                model = Transformer(ModelConfig(vocab_size=256, residual=ResidualConfig(variant), **model_kw))
+                model = prec.prepare(model)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                mode = "auto" if impl == "-" else impl  # other variants read as they do by default
 
-            def step(model=model, opt=opt, mode=mode) -> None:
-                with use_impl(mode):
-                    lm_loss(model(inputs), targets).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                def step(model=model, opt=opt, mode=mode, prec=prec) -> None:
+                    with use_impl(mode), prec.autocast():
+                        loss = lm_loss(model(inputs), targets)
+                    prec.backward(loss)
+                    opt.step()  # no clipping here, so the scaler's unscale-before-step is not needed
+                    opt.zero_grad(set_to_none=True)
 
-            def forward(model=model, mode=mode) -> None:
-                with torch.no_grad(), use_impl(mode):
-                    model(inputs)
+                def forward(model=model, mode=mode, prec=prec) -> None:
+                    with torch.no_grad(), use_impl(mode), prec.autocast():
+                        model(inputs)
 
-            arms[name], fwd_arms[name] = step, forward
-            n_params = sum(p.numel() * p.element_size() for p in model.parameters())
-            with saved_bytes() as saved, use_impl(mode):
-                loss = lm_loss(model(inputs), targets)
-            del loss
-            memory[name] = (saved[0] + 4 * n_params) / 2**20
+                arms[name], fwd_arms[name] = step, forward
+                n_params = sum(p.numel() * p.element_size() for p in model.parameters())
+                with saved_bytes() as saved, use_impl(mode), prec.autocast():
+                    loss = lm_loss(model(inputs), targets)
+                del loss
+                memory[name] = (saved[0] + 4 * n_params) / 2**20
 
     step_ms = interleaved_medians(arms, repeats)
     fwd_ms = interleaved_medians(fwd_arms, repeats)
-    base = variants[0]
     return [
         {
             "arm": name,
             "step_ms": step_ms[name],
-            "ratio_vs_prenorm": step_ms[name] / step_ms[base],
+            "ratio_vs_prenorm": step_ms[name] / step_ms[base_of[name]],
             "forward_ms": fwd_ms[name],
-            "forward_ratio": fwd_ms[name] / fwd_ms[base],
+            "forward_ratio": fwd_ms[name] / fwd_ms[base_of[name]],
             "memory_mb": memory[name],
-            "memory_ratio": memory[name] / memory[base],
+            "memory_ratio": memory[name] / memory[base_of[name]],
         }
         for name in arms
     ]
@@ -127,13 +143,13 @@ def _measure(variants: list[str], size: dict, impls: list[str], repeats: int) ->
 
 def table(result: dict) -> str:
     """Human-readable table of :func:`run`'s result."""
-    head = (
-        f"{'arm':<20} {'step ms':>9} {'x prenorm':>9} {'fwd ms':>9} {'fwd x':>7} {'mem MB':>8} {'mem x':>6}"
-    )
+    width = max(20, *(len(r["arm"]) for r in result["rows"]))
+    head = f"{'arm':<{width}} {'step ms':>9} {'x prenorm':>9} {'fwd ms':>9} {'fwd x':>7} {'mem MB':>8}"
+    head += f" {'mem x':>6}"
     lines = [f"bench train, size {result['size']} {result['shape']}, median of {result['repeats']}", head]
     for r in result["rows"]:
         lines.append(
-            f"{r['arm']:<20} {r['step_ms']:9.1f} {r['ratio_vs_prenorm']:9.3f} {r['forward_ms']:9.1f} "
+            f"{r['arm']:<{width}} {r['step_ms']:9.1f} {r['ratio_vs_prenorm']:9.3f} {r['forward_ms']:9.1f} "
             f"{r['forward_ratio']:7.3f} {r['memory_mb']:8.1f} {r['memory_ratio']:6.3f}"
         )
     return "\n".join(lines)
@@ -147,6 +163,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--impls", default="reference,auto", help="depth-read implementations for AttnRes variants"
     )
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--precisions",
+        default="fp32",
+        help="comma-separated train.precision values, each arm timed in each: fp32, bf16-mixed, fp16-mixed, "
+        "bf16-true",
+    )
     p.add_argument(
         "--pairwise",
         action="store_true",

@@ -27,10 +27,12 @@ and added, once, to the output gradient of the chunk that put it in the cache.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -387,14 +389,15 @@ def check_message(buf: Tensor, shape: tuple[int, ...], dtype: torch.dtype, messa
     """Refuse a message the receiver's buffer (``shape``, ``dtype``) would not hold exactly.
 
     Receivers allocate from the chunks' parameter dtype and the layout, and a shorter message
-    would arrive as garbage bytes (gloo accepts short receives); e.g. chunks run under autocast
-    send bf16 activations to fp32 buffers.
+    would arrive as garbage bytes (gloo accepts short receives); e.g. a residual scheme whose
+    stream left the embedding's dtype under autocast would send bf16 activations to fp32 buffers.
     """
     if buf.dtype != dtype or tuple(buf.shape) != tuple(shape):
         raise RuntimeError(
             f"pipeline message {message} is {tuple(buf.shape)} {buf.dtype}, but the receiver expects "
-            f"{tuple(shape)} {dtype}: activations must keep the chunks' parameter dtype (cast the "
-            "model rather than running the chunks under autocast)"
+            f"{tuple(shape)} {dtype}: activations must keep the chunks' parameter dtype (a residual "
+            "scheme keeps its stream in the embedding's dtype, autocast or not: see "
+            "attnres.residuals.base.to_stream)"
         )
 
 
@@ -446,6 +449,10 @@ class PipelineRunner:
         layout: the pipeline layout.
         cache: ``"off"``, ``"received"`` or ``"seen"`` (module docstring).
         group: process group of the ``pp`` ranks (default: the world).
+        autocast: makes the context every chunk forward (and the loss) runs in, e.g.
+            ``lambda: torch.autocast("cuda", dtype=torch.bfloat16)``; backwards run outside it.
+            The messages keep the chunks' parameter dtype under autocast too: every residual
+            scheme keeps its stream in the embedding's dtype (``attnres.residuals.base``).
     """
 
     def __init__(
@@ -454,10 +461,11 @@ class PipelineRunner:
         layout: PipelineLayout,
         cache: str = "seen",
         group: dist.ProcessGroup | None = None,
+        autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
-        self.layout, self.cache, self.group = layout, cache, group
+        self.layout, self.cache, self.group, self.autocast = layout, cache, group, autocast
         self.rank = dist.get_rank(group)
         if dist.get_world_size(group) != layout.pp:
             raise ValueError(
@@ -596,9 +604,11 @@ class PipelineRunner:
             wire = self._take(("fwd", c, m))
             leaves = [t.detach().requires_grad_() for t in step.cache.get(m, [])[:k] + wire]
             inp = _unflatten(step.like, leaves)
-        out = self.chunks[c](inp)
+        with self.autocast():
+            out = self.chunks[c](inp)
+            if c == C - 1:
+                out = lm_loss(out, step.targets[m]) / len(step.tokens)
         if c == C - 1:
-            out = lm_loss(out, step.targets[m]) / len(step.tokens)
             step.loss_sum += out.detach().double()
             step.cache.pop(m, None)
         else:

@@ -24,7 +24,8 @@ and its backward, with ``g_s = ∂/∂o_s`` and ``λ_s = ∂/∂lse_s``::
 
 The backward keeps only references to the sources (which the model holds anyway) and per-token
 statistics ``α`` and ``v_j · q_s`` (``N·S`` scalars per token); nothing ``d``-wide is saved.
-Statistics run in fp32 (fp64 for fp64 inputs); outputs are fp32 and callers cast them back.
+Statistics run in fp32 (fp64 for fp64 inputs), with autocast off
+(:func:`attnres.ops.precision.no_autocast`); outputs are fp32 and callers cast them back.
 
 On CPU, ``_DepthAttend`` runs native kernels (:mod:`attnres.ops.native`) that do all of this one
 token at a time, reading each source once per read; the PyTorch ops below are their twin, used on
@@ -41,9 +42,10 @@ from torch import Tensor
 from attnres.ops import triton as triton_ops
 from attnres.ops.dispatch import kernels_for
 from attnres.ops.native import cpu_kernels
-from attnres.ops.reference import stats_dtype
+from attnres.ops.precision import no_autocast, stats_dtype
 
 
+@no_autocast
 def rstd_stat(v: Tensor, eps: float) -> Tensor:
     """``rsqrt(mean(v²) + eps)`` over the last dim ``[...]``, in the statistics dtype; no autograd."""
     cd = stats_dtype(v.dtype)
@@ -63,6 +65,7 @@ class _SourceRstd(torch.autograd.Function):
         return r
 
     @staticmethod
+    @no_autocast
     def backward(ctx, dr: Tensor) -> tuple[Tensor, None]:
         v, r = ctx.saved_tensors
         coef = (dr * r.pow(3)).div_(-v.shape[-1]).unsqueeze(-1)  # [..., 1]
@@ -116,6 +119,7 @@ class _DepthAttend(torch.autograd.Function):
         return (*outs, lse)
 
     @staticmethod
+    @no_autocast
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         queries, alpha, dots, *rest = ctx.saved_tensors
         n_src = ctx.n_src
@@ -171,6 +175,7 @@ class _DepthAttend(torch.autograd.Function):
         return (d_queries, None, None, *d_sources, *d_rstd)
 
 
+@no_autocast
 def depth_attend(
     sources: Sequence[Tensor], rstd: Sequence[Tensor], queries: Tensor
 ) -> tuple[tuple[Tensor, ...], Tensor]:

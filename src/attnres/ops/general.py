@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from attnres.ops.reference import stats_dtype
+from attnres.ops.precision import stats_dtype
 
 NORMALIZERS = ("softmax", "sigmoid")
 

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from attnres.ops.precision import stats_dtype
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics run in: fp32 for fp32 and lower precision, fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
+__all__ = ["depth_read", "depth_weights", "stats_dtype"]
 
 
 def depth_weights(sources: Sequence[Tensor], query: Tensor, gain: Tensor, eps: float = 1e-6) -> Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnres.ops.reference import stats_dtype
+from attnres.ops.precision import no_autocast, stats_dtype
 
 
 class SourceStack:
@@ -53,6 +53,7 @@ class SourceStack:
         self.size += 1
 
 
+@no_autocast
 def stacked_phase1(stack: SourceStack, queries: Tensor, need_lse: bool) -> tuple[Tensor, Tensor | None]:
     """Phase 1: ``S`` folded queries against every source in ``stack``, in one pass.
 
@@ -81,6 +82,7 @@ def stacked_phase1(stack: SourceStack, queries: Tensor, need_lse: bool) -> tuple
     return outs, lse
 
 
+@no_autocast
 def stacked_merge(o: Tensor, lse: Tensor, partial: Tensor, partial_rstd: Tensor, query: Tensor) -> Tensor:
     """Phase 2: ``h = o + σ(r_p (p · q) − lse)(p − o)``, returned as ``[..., d]`` in the partial's dtype.
 

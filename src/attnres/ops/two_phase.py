@@ -28,7 +28,7 @@ from torch import Tensor
 from attnres.ops import triton as triton_ops
 from attnres.ops.dispatch import kernels_for
 from attnres.ops.fused import depth_attend, fold_query
-from attnres.ops.reference import stats_dtype
+from attnres.ops.precision import no_autocast, stats_dtype
 
 
 def phase1(
@@ -67,6 +67,7 @@ class _Merge(torch.autograd.Function):
         return out
 
     @staticmethod
+    @no_autocast
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
         h, p, r_p, sig, dot, q = ctx.saved_tensors
         d = p.shape[-1]
@@ -87,6 +88,7 @@ class _Merge(torch.autograd.Function):
         )
 
 
+@no_autocast
 def phase2_merge(
     o: Tensor, lse: Tensor, partial: Tensor, partial_rstd: Tensor, query: Tensor, gain: Tensor
 ) -> Tensor:

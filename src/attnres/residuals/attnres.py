@@ -20,6 +20,11 @@ groups read sites ``gS … gS+S-1`` (the last group also holds the final read ``
 the completed blocks ``b_0 … b_g``, so phase 1 runs for the whole group as soon as ``b_g`` is
 complete, in the :meth:`~BlockAttnRes.update` before site ``gS``. Every method returns a new
 state and never mutates one.
+
+Dtypes: every source is in the stream dtype, the embedding's (:func:`attnres.residuals.base.to_stream`
+brings each sublayer output to it in :meth:`~BlockAttnRes.update`, for every implementation), so a
+read's sources share one dtype under autocast too; the reads compute their statistics in fp32 and
+return the stream dtype (SPEC §2, :mod:`attnres.ops.precision`).
 """
 
 from __future__ import annotations
@@ -35,10 +40,10 @@ from attnres.ops import depth_read, depth_weights
 from attnres.ops.dispatch import select_impl
 from attnres.ops.fused import fold_query, fused_depth_read, rstd_stat, source_rstd
 from attnres.ops.general import general_depth_read
-from attnres.ops.reference import stats_dtype
+from attnres.ops.precision import no_autocast, stats_dtype
 from attnres.ops.stacked import SourceStack, stacked_merge, stacked_phase1
 from attnres.ops.two_phase import phase1, phase2_merge
-from attnres.residuals.base import ResidualConfig, ResidualScheme
+from attnres.residuals.base import ResidualConfig, ResidualScheme, to_stream
 from attnres.residuals.registry import register
 
 
@@ -172,6 +177,7 @@ class BlockAttnRes(ResidualScheme):
         if hasattr(self, "key_gain"):
             nn.init.ones_(self.key_gain)
 
+    @no_autocast  # the input-dependent query is a matmul: fp32, not autocast's bf16/fp16
     def read(self, sources: list[Tensor], site: int) -> Tensor:
         """Depth read at ``site`` (``0 … L-1`` sublayer inputs, ``L`` the final read)."""
         if self._paper_read:
@@ -229,12 +235,11 @@ class BlockAttnRes(ResidualScheme):
         self, state: DepthState | StackedDepthState, layer: int, out: Tensor
     ) -> DepthState | StackedDepthState:
         sealed = layer % self.block_size == 0
+        partial = to_stream(out if sealed else state.partial + out, state.partial)  # the stream dtype
         if isinstance(state, StackedDepthState):
-            partial = out if sealed else state.partial + out
             new = replace(state, partial=partial, partial_rstd=rstd_stat(partial, self.cfg.eps))
             return self._open_stacked_group(new, layer + 1) if (layer + 1) % self.block_size == 0 else new
         blocks = (*state.blocks, state.partial) if sealed else state.blocks
-        partial = out if sealed else state.partial + out
         if state.impl == "reference":
             return DepthState(blocks=blocks, partial=partial)
         kept = state.rstd if sealed else state.rstd[:-1]  # a sealed partial keeps its statistic

@@ -10,6 +10,19 @@ The model's sublayer loop is the same for every variant::
 
 ``update`` returns a new state and never mutates the old one, so activation recomputation can
 replay a sublayer without replaying any bookkeeping twice.
+
+**The stream dtype** is the embedding's dtype: the dtype of the state ``init_state`` builds. It is
+the model's parameter dtype (fp32, or bf16 for a model cast with ``model.to(torch.bfloat16)``),
+also under ``torch.autocast``, where the sublayers' outputs come back in bf16/fp16 beside an fp32
+embedding. A scheme that keeps sublayer outputs as depth sources brings each one to the stream dtype
+as it enters the state (:func:`to_stream`), so every source of a read shares one dtype, which is
+what the fast depth reads and their native and Triton kernels take. This is the dtype PreNorm's
+``h + f(h)`` already has under autocast (the sum promotes to fp32), so every variant's residual
+stream is fp32 under mixed precision, the convention of autocast training. Why this rule and not
+"sources in the autocast dtype": the upcast is exact (a bf16/fp16 value is an fp32 value), block
+sums accumulate in fp32 as PreNorm's sum does, and the embedding is never rounded; it costs one
+elementwise cast per sublayer output (none for an output added to a running sum, where the add
+promotes anyway) and fp32 storage for the sources, the size of PreNorm's fp32 stream.
 """
 
 from __future__ import annotations
@@ -119,6 +132,16 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "query_init": ("zero", "normal"),
     "granularity": ("layer", "sublayer"),
 }
+
+
+def to_stream(out: Tensor, stream: Tensor) -> Tensor:
+    """A sublayer output ``out`` as a depth source of the stream that ``stream`` belongs to.
+
+    The one place the stream-dtype rule (module docstring) is applied: ``out`` in ``stream``'s
+    dtype (no copy when they agree; exact under autocast, where ``out`` is bf16/fp16 and the stream
+    fp32).
+    """
+    return out.to(stream.dtype)
 
 
 class ResidualScheme(nn.Module, ABC):

@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from attnres.ops.general import general_depth_logits, general_depth_mix, general_depth_weights
-from attnres.ops.reference import stats_dtype
+from attnres.ops.precision import no_autocast, stats_dtype
 from attnres.residuals.attnres import default_block_size
-from attnres.residuals.base import ResidualConfig, ResidualScheme
+from attnres.residuals.base import ResidualConfig, ResidualScheme, to_stream
 from attnres.residuals.registry import register
 
 INNER, OUTER = 0, 1
@@ -107,6 +107,7 @@ class HierarchicalAttnRes(ResidualScheme):
         else:
             nn.init.normal_(q, std=1.0 if q.dim() == 3 else std)
 
+    @no_autocast  # key and query projections are matmuls: fp32, not autocast's bf16/fp16
     def attend(self, values: list[Tensor], site: int, which: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """One multi-head attention over ``values``; returns ``(out [..., d], weights [N, ..., H])``."""
         sd = stats_dtype(values[0].dtype)  # fp32 (fp64 for fp64) like every depth read
@@ -140,7 +141,7 @@ class HierarchicalAttnRes(ResidualScheme):
         return self.read(state, layer)
 
     def update(self, state: GroupState, layer: int, out: Tensor) -> GroupState:
-        current = (*state.current, out)
+        current = (*state.current, to_stream(out, state.groups[0][0]))
         if len(current) == self.block_size:
             return GroupState(groups=(*state.groups, current), current=())
         return GroupState(groups=state.groups, current=current)

@@ -13,7 +13,9 @@ the mean makes every variant here equal PreNorm at init exactly (**our choice**)
 
 All three start as PreNorm (tests pin it): the streams start identical, every read's weights sum
 to 1, every write weight is 1 and every row of ``M`` sums to 1, so they stay identical.
-The coefficient maths runs in fp32 (mHC keeps it there: its eps are near fp16's resolution).
+The coefficient maths runs in fp32 (mHC keeps it there: its eps are near fp16's resolution), with
+autocast off, and the streams keep the stream dtype (``attnres.residuals.base``): fp32 under
+autocast, where a sublayer output enters them upcast.
 
 HC's paper rescales the output projections' init by ``sqrt(m)``. We keep the model's shared init
 for every variant (**our choice**): the comparison then starts from identical weights, and the
@@ -29,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnres.residuals.base import ResidualConfig, ResidualScheme
+from attnres.ops.precision import no_autocast
+from attnres.residuals.base import ResidualConfig, ResidualScheme, to_stream
 from attnres.residuals.registry import register
 
 
@@ -77,16 +80,18 @@ class StreamScheme(ResidualScheme):
     def init_state(self, embedding: Tensor) -> Tensor:
         return embedding.unsqueeze(-2).expand(*embedding.shape[:-1], self.n_streams, self.d_model)
 
+    @no_autocast  # coefficients and mixing in fp32 / the stream dtype, not autocast's bf16/fp16
     def layer_input(self, state: Tensor, layer: int) -> Tensor:
         read, _, _ = self.coefficients(state, layer)
         return torch.einsum("...s,...sd->...d", read.to(state.dtype), state)
 
+    @no_autocast
     def update(self, state: Tensor, layer: int, out: Tensor) -> Tensor:
         # The coefficients are recomputed rather than cached from layer_input, so update stays a
         # pure function of its arguments (safe under activation recomputation).
         _, mix, write = self.coefficients(state, layer)
         mixed = torch.einsum("...ij,...jd->...id", mix.to(state.dtype), state)  # [B, T, m, d]
-        return mixed + write.to(out.dtype).unsqueeze(-1) * out.unsqueeze(-2)
+        return mixed + write.to(state.dtype).unsqueeze(-1) * to_stream(out, state).unsqueeze(-2)
 
     def final(self, state: Tensor) -> Tensor:
         return state.mean(-2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attnres.residuals.base import ResidualConfig, ResidualScheme
+from attnres.residuals.base import ResidualConfig, ResidualScheme, to_stream
 from attnres.residuals.registry import register
 
 
@@ -43,7 +43,7 @@ class ReZero(ResidualScheme):
         return state
 
     def update(self, state: Tensor, layer: int, out: Tensor) -> Tensor:
-        return state + self.alpha[layer].to(out.dtype) * out
+        return state + self.alpha[layer].to(state.dtype) * to_stream(out, state)  # α not rounded to bf16
 
     def final(self, state: Tensor) -> Tensor:
         return state

@@ -21,6 +21,7 @@ from torch import Tensor
 from attnres.ops.dispatch import select_impl
 from attnres.ops.fused import source_rstd
 from attnres.residuals.attnres import FullAttnRes
+from attnres.residuals.base import to_stream
 from attnres.residuals.registry import register
 
 
@@ -57,6 +58,7 @@ class SlidingWindowAttnRes(FullAttnRes):
         return WindowState(embedding, (), "fused", (source_rstd(embedding, self.cfg.eps),))
 
     def update(self, state: WindowState, layer: int, out: Tensor) -> WindowState:
+        out = to_stream(out, state.embedding)
         recent = (*state.recent, out)[-self.cfg.window :]
         if state.impl == "reference":
             return WindowState(embedding=state.embedding, recent=recent)

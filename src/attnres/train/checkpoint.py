@@ -5,7 +5,8 @@ Layout of ``OUT/checkpoint/``::
     model.safetensors   weights (safetensors; tied weights stored once)
     config.json         the full TrainConfig
     tokenizer.json      the tokenizer (BPE JSON, or a byte-tokenizer marker)
-    trainer_state.pt    step, optimiser state and RNG states, for an exact ``--resume``
+    trainer_state.pt    step, optimiser state, RNG states and the fp16 gradient scaler's state, for an
+                        exact ``--resume``
     checksums.json      the sha256 of each file above, written last
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash mid-save never

@@ -16,6 +16,7 @@ TOKENIZERS = ("byte", "bpe")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd", "constant")
 LOGGERS = ("none", "tensorboard", "wandb")
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")  # litgpt's names
 
 
 def _choice(section: str, key: str, value: str, valid: tuple[str, ...]) -> None:
@@ -139,6 +140,12 @@ class LoopConfig:
         logger: also log metrics and diagnostics to ``none``, ``tensorboard`` (``OUT/tensorboard/``)
             or ``wandb`` (``OUT/wandb/``; set ``WANDB_MODE=offline`` to keep it local); a side
             channel beside ``metrics.jsonl`` (see ``attnres.train.loggers``).
+        precision: ``fp32`` (default); ``bf16-mixed`` or ``fp16-mixed``: forward and loss (of
+            training and evaluation) under ``torch.autocast`` with fp32 weights, ``fp16-mixed`` with a
+            gradient scaler whose state is checkpointed; ``bf16-true``: the model cast to bf16.
+            Depth-read statistics stay fp32 in every mode (:mod:`attnres.train.precision`). bf16
+            needs a CUDA device with bf16 support (or the CPU); ``fp16-mixed`` does not combine with
+            FSDP2 (``parallel.dp_shard``) or pipelines (``parallel.pp > 1``). A resumed run keeps it.
     """
 
     steps: int = 200
@@ -152,6 +159,7 @@ class LoopConfig:
     threads: int = 0
     progress: bool = True
     logger: str = "none"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "eval_tokens"):
@@ -161,6 +169,7 @@ class LoopConfig:
             raise ValueError("train.checkpoint_every and train.threads must be >= 0")
         _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
         _choice("train", "logger", self.logger, LOGGERS)
+        _choice("train", "precision", self.precision, PRECISIONS)
 
 
 @dataclass
@@ -234,6 +243,13 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        if self.train.precision == "fp16-mixed" and (self.parallel.pipeline or self.parallel.dp_shard):
+            raise ValueError(
+                "train.precision=fp16-mixed does not combine with "
+                + ("parallel.pp > 1" if self.parallel.pipeline else "parallel.dp_shard=true (FSDP2)")
+                + ": its gradient scaler would check for overflow in this rank's gradients only, so "
+                "ranks could disagree on skipping a step; use one of: fp32, bf16-mixed, bf16-true"
+            )
         if self.parallel.pipeline and self.train.batch_size % self.parallel.n_microbatches:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} does not split into "

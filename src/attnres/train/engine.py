@@ -8,13 +8,19 @@ The loop (:func:`attnres.train.loop.train`) is one loop for every layout; it tal
   (:mod:`attnres.distributed.pipeline`).
 
 Both start from the same full model (built from the seed, or loaded from a checkpoint), build the
-optimiser with the same param-group rules, and save checkpoints in the single-process format.
+optimiser with the same param-group rules, and save checkpoints in the single-process format. Both
+run ``train.precision`` (:class:`attnres.train.precision.Precision`): the model cast first for
+``bf16-true``, training and evaluation forwards under its autocast; only the replicated engine
+takes ``fp16-mixed`` (its gradient scaler), which the config refuses for pipelines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +53,11 @@ from attnres.distributed.pipeline_train import (
 from attnres.model import Transformer, lm_loss
 from attnres.train.config import ParallelConfig, TrainConfig
 from attnres.train.optim import OptimizerGroup, build_optimizer
+from attnres.train.precision import Precision
 
 Batch = tuple[Tensor, Tensor]
+#: makes the context a forward runs in (``Precision.autocast``)
+Autocast = Callable[[], AbstractContextManager[Any]]
 
 
 @dataclass(frozen=True)
@@ -66,19 +75,29 @@ class StepStats:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[Batch], device: torch.device) -> float:
+def evaluate(
+    model: nn.Module, batches: list[Batch], device: torch.device, autocast: Autocast = contextlib.nullcontext
+) -> float:
     """Token-weighted mean validation loss."""
-    total, count = loss_sums(model, batches, device)
+    total, count = loss_sums(model, batches, device, autocast)
     return total / count
 
 
-def loss_sums(model: nn.Module, batches: list[Batch], device: torch.device) -> tuple[float, int]:
-    """Summed token losses and the number of tokens over ``batches`` (none: ``(0.0, 0)``)."""
+@torch.no_grad()
+def loss_sums(
+    model: nn.Module, batches: list[Batch], device: torch.device, autocast: Autocast = contextlib.nullcontext
+) -> tuple[float, int]:
+    """Summed token losses and the number of tokens over ``batches`` (none: ``(0.0, 0)``).
+
+    ``autocast`` makes the context each forward and loss run in (the run's precision).
+    """
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
-        total += lm_loss(model(x), y).item() * y.numel()
+        with autocast():
+            loss = lm_loss(model(x), y)
+        total += loss.item() * y.numel()
         count += y.numel()
     model.train()
     return total, count
@@ -105,6 +124,8 @@ class Engine(ABC):
     """One layout's way of running the loop's steps. Every method is called on every rank."""
 
     optimizer: OptimizerGroup
+    #: the run's ``train.precision``: autocast, gradient scaler, weight dtype
+    precision: Precision
     #: how the run is parallelised, for the start-of-run log line ("" for one process)
     description: str
 
@@ -130,6 +151,10 @@ class Engine(ABC):
     def load_optimizer_state(self, state: Any) -> None:
         """Restore what :meth:`checkpoint_state` saved (from this or another layout)."""
 
+    def loss_scale(self) -> float | None:
+        """The fp16 gradient scaler's current scale, ``None`` without one (logged per step)."""
+        return self.precision.loss_scale()
+
 
 class ReplicatedEngine(Engine):
     """The whole model in each process: one process, or DDP / FSDP2 over ``env.world_size`` ranks.
@@ -140,21 +165,24 @@ class ReplicatedEngine(Engine):
     def __init__(self, model: Transformer, cfg: TrainConfig, env: DistEnv) -> None:
         self.env, self.grad_clip, self.model_cfg = env, cfg.optim.grad_clip, cfg.model
         self.dp_shard = cfg.parallel.dp_shard
-        self.model = wrap_model(model, cfg.parallel.dp_shard, env)
+        self.precision = Precision(cfg.train.precision, env.device)
+        self.model = wrap_model(self.precision.prepare(model), cfg.parallel.dp_shard, env)
         self.optimizer = build_optimizer(unwrap(self.model).named_parameters(), cfg.optim)
         kind = "FSDP2" if cfg.parallel.dp_shard else "DDP"
         self.description = f"{env.world_size} {kind} ranks" if env.distributed else ""
 
     def train_step(self, x: Tensor, y: Tensor) -> StepStats:
         x, y = (shard_batch(t, self.env).to(self.env.device) for t in (x, y))
-        loss = lm_loss(self.model(x), y)
-        loss.backward()
+        with self.precision.autocast():
+            loss = lm_loss(self.model(x), y)
+        self.precision.backward(loss)  # outside autocast, as torch.amp recommends
         norm = None
         if self.grad_clip:  # DDP: gradients are averaged already, so every rank has the global norm
+            self.precision.unscale(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             if isinstance(norm, DTensor):  # FSDP2: each rank holds a partial norm; a collective
                 norm = norm.full_tensor()
-        self.optimizer.step()
+        self.precision.step(self.optimizer)
         self.optimizer.zero_grad()
         loss = mean_over_ranks(loss, self.env).detach().float()
         if norm is None:
@@ -164,10 +192,12 @@ class ReplicatedEngine(Engine):
 
     def evaluate(self, batches: list[Batch]) -> float:
         env = self.env
+        autocast = self.precision.autocast
         if not env.distributed or self.dp_shard:  # FSDP2's forward is a collective: all run all
-            return evaluate(self.model, batches, env.device)
+            return evaluate(self.model, batches, env.device, autocast)
         # DDP: each rank evaluates every world_size-th batch on the plain module, then the sums meet
-        total, count = loss_sums(unwrap(self.model), batches[env.rank :: env.world_size], env.device)
+        mine = batches[env.rank :: env.world_size]
+        total, count = loss_sums(unwrap(self.model), mine, env.device, autocast)
         sums = torch.tensor([total, count], dtype=torch.float64, device=env.device)
         dist.all_reduce(sums)
         return float(sums[0] / sums[1])
@@ -201,8 +231,10 @@ class PipelineEngine(Engine):
         par = cfg.parallel
         self.env, self.grad_clip, self.model_cfg = env, cfg.optim.grad_clip, cfg.model
         self.microbatches = par.n_microbatches
-        layout, self.chunks = split_model(model, par.pp, par.vpp, rank=env.rank)
-        self.runner = PipelineRunner(self.chunks, layout, cache="seen" if par.attnres_cache else "off")
+        self.precision = Precision(cfg.train.precision, env.device)  # no scaler: the config refuses fp16
+        layout, self.chunks = split_model(self.precision.prepare(model), par.pp, par.vpp, rank=env.rank)
+        cache = "seen" if par.attnres_cache else "off"
+        self.runner = PipelineRunner(self.chunks, layout, cache=cache, autocast=self.precision.autocast)
         self.names = param_names(self.chunks)
         self.params = [p for chunk in self.chunks for p in chunk.parameters()]
         self.optimizer = build_optimizer(((self.names[id(p)][0], p) for p in self.params), cfg.optim)
@@ -242,7 +274,7 @@ class PipelineEngine(Engine):
         if gathered is None:
             return None, None
         with torch.random.fork_rng(devices=[]):  # building a model draws an init; training must not see it
-            plain = Transformer(self.model_cfg)
+            plain = self.precision.prepare(Transformer(self.model_cfg))  # the chunks' weight dtype
         like = dict(plain.named_parameters())
         plain.load_state_dict(assemble(like, [p for weights, _ in gathered for p in weights]))
         state = full_optimizer_state(self.full_optimizer, [p for _, opt in gathered for p in opt], like)

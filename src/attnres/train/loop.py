@@ -27,6 +27,7 @@ from attnres.train.engine import Engine, ReplicatedEngine, build_engine, check_w
 from attnres.train.loggers import NullLogger, open_logger, require_logger
 from attnres.train.optim import lr_multiplier
 from attnres.train.paths import make_dir
+from attnres.train.precision import check_precision_supported
 from attnres.train.run_dir import GracefulStop, RunDirLock, TrainingInterrupted, metrics_up_to
 
 
@@ -147,6 +148,7 @@ def train(
         torch.set_num_threads(loop.threads)
     device = _device(loop.device)
     require_logger(loop.logger)  # a missing package is refused before the run directory is touched
+    check_precision_supported(loop.precision, device)  # before any data is loaded
     env = init_distributed(device.type)  # under torchrun: join the group; rank 0 alone writes
     check_world_size(cfg.parallel, env, cfg.train.batch_size)
     device = env.device if env.distributed else device
@@ -207,6 +209,7 @@ def _train(
     if resume:
         state = load_trainer_state(out)
         engine.load_optimizer_state(state["optimizer"])
+        engine.precision.load_state_dict(state.get("grad_scaler", {}))  # absent before fp16-mixed existed
         torch.set_rng_state(state["rng_cpu"])
         start = state["step"]
         # checkpoints written before timing was saved: the earlier sessions' wall time is unknown
@@ -268,6 +271,7 @@ def _train(
                 "optimizer": optim_state,
                 "rng_cpu": torch.get_rng_state(),
                 "timing": run_timing(),
+                "grad_scaler": engine.precision.state_dict(),  # {} unless fp16-mixed
             }
             save_checkpoint(out, plain, cfg, tokenizer, trainer_state)
 
@@ -302,6 +306,8 @@ def _train(
         }
         if stats.grad_norm is not None:
             record["grad_norm"] = stats.grad_norm
+        if (scale := engine.loss_scale()) is not None:  # fp16-mixed: the scale after this step
+            record["loss_scale"] = scale
         done = step + 1
         evaluating = done % loop.eval_every == 0 or done == loop.steps
         if evaluating:

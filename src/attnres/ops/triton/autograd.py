@@ -13,6 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
+from attnres.ops.precision import no_autocast
 from attnres.ops.triton import kernels
 
 SLOTS = 8  # source pointer arguments per launch; a read over more sources takes several launches
@@ -78,6 +79,7 @@ class _TritonDepthAttend(torch.autograd.Function):
         return (*(o.view(shape) for o in out), lse.view(*shape[:-1], n_q))
 
     @staticmethod
+    @no_autocast
     def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
         # grads are materialised (autograd's default): zeros for outputs the graph did not use
         queries, dots, lse, *rest = ctx.saved_tensors
@@ -161,6 +163,7 @@ class _TritonMerge(torch.autograd.Function):
         return out
 
     @staticmethod
+    @no_autocast
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
         h, p, r_p, sig, dot, q = ctx.saved_tensors
         d, cd, dev = p.shape[-1], q.dtype, p.device
