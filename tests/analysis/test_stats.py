@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from attnres.analysis.stats import format_mean_std, mean_std, paired_difference, t95
+from attnres.analysis.stats import format_mean_std, mean_std, paired_difference, t95, t_quantile
 
 
 def test_paired_difference_t_interval():
@@ -16,7 +16,7 @@ def test_paired_difference_t_interval():
     diffs = [0.5, 1.0, 0.5]
     sd = math.sqrt(sum((x - 2 / 3) ** 2 for x in diffs) / 2)
     assert d.n == 3 and math.isclose(d.mean, 2 / 3)
-    assert math.isclose(d.high - d.mean, 4.303 * sd / math.sqrt(3))
+    assert math.isclose(d.high - d.mean, 4.302652730 * sd / math.sqrt(3), rel_tol=1e-9)
 
 
 def test_one_seed_has_no_interval_and_no_pair_is_none():
@@ -26,7 +26,14 @@ def test_one_seed_has_no_interval_and_no_pair_is_none():
 
 
 def test_t95_and_mean_std():
-    assert t95(1) == 12.706 and t95(100) == 1.96
+    # published two-sided 95% quantiles (10 significant digits); past df = 30 too, where 1.96 was used
+    known = {1: 12.70620474, 2: 4.302652730, 5: 2.570581836, 10: 2.228138852, 30: 2.042272456,
+             31: 2.039513446, 40: 2.021075390, 100: 1.983971519, 1000: 1.962339081}  # fmt: skip
+    for df, q in known.items():
+        assert t95(df) == pytest.approx(q, rel=1e-9), df
+    assert t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-12)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.776445105, rel=1e-9)
+    assert t_quantile(0.975, 1e7) == pytest.approx(1.959964, rel=1e-6)  # the normal limit
     with pytest.raises(ValueError, match="at least 2"):
         t95(0)
     mean, std = mean_std([1.0])

@@ -117,3 +117,20 @@ def test_a_warmup_longer_than_the_run_is_pointed_out(tmp_path, cache_dir) -> Non
     lines: list[str] = []
     train(_tiny(cache_dir, steps=2, **{"schedule.warmup_steps": "5"}), tmp_path / "run", log=lines.append)
     assert any("warmup_steps=5 > train.steps=2" in line and "0.40 x optim.lr" in line for line in lines)
+
+
+def test_compare_reuses_committed_results_without_checkpoints(tmp_path, cache_dir) -> None:
+    cfg = _tiny(cache_dir, steps=3)
+    first = compare(cfg, ["prenorm", "block"], 1, tmp_path, log=lambda _: None)
+    for run in ("prenorm-s0", "block-s0"):  # what an experiment commits: results, never checkpoints
+        shutil.rmtree(tmp_path / run / "checkpoint")
+    lines: list[str] = []
+    again = compare(cfg, ["prenorm", "block"], 1, tmp_path, log=lines.append)
+    assert [r.final_val_loss for r in again] == [r.final_val_loss for r in first]
+    assert sum("finished earlier, reusing its result" in line for line in lines) == 2
+    with pytest.raises(ValueError, match=r"prenorm-s0 was trained with a different config \(optim.lr"):
+        compare(
+            _tiny(cache_dir, steps=3, **{"optim.lr": "0.5"}), ["prenorm"], 1, tmp_path, log=lambda _: None
+        )
+    with pytest.raises(ValueError, match="finished 3 steps and has no checkpoint to continue to 5"):
+        compare(_tiny(cache_dir, steps=5), ["prenorm"], 1, tmp_path, log=lambda _: None)

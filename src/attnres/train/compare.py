@@ -10,7 +10,7 @@ from pathlib import Path
 
 from attnres.analysis.stats import format_difference, format_mean_std, variant_stats
 from attnres.residuals import variant_names
-from attnres.train.checkpoint import has_checkpoint, load_config
+from attnres.train.checkpoint import has_checkpoint, run_config
 from attnres.train.config import TrainConfig, resume_conflicts
 from attnres.train.loop import RunResult, train
 
@@ -44,21 +44,29 @@ def _variant_config(base: TrainConfig, variant: str, seed: int, threads: int | N
 def _saved_result(cfg: TrainConfig, run_dir: Path) -> RunResult | None:
     """The result of a run ``compare`` finished earlier with ``cfg``; ``None`` if it must (re)train.
 
-    A run directory trained with another config (other hyperparameters, data, model) is refused:
-    reusing it would mix configs in one table. It may differ in how long it ran: fewer steps than
-    ``cfg`` continue from its checkpoint.
+    A finished run is one with ``result.json``, whether or not its checkpoint is still there (committed
+    results keep ``config.json``, ``result.json`` and the metrics, never checkpoints). A run directory
+    trained with another config (other hyperparameters, data, model) is refused: reusing it would mix
+    configs in one table. It may differ in how long it ran: fewer steps than ``cfg`` continue from its
+    checkpoint, which therefore must be there.
     """
-    if not has_checkpoint(run_dir):
+    finished = (run_dir / "result.json").exists()
+    if not (has_checkpoint(run_dir) or (finished and (run_dir / "config.json").exists())):
         return None
-    saved = load_config(run_dir)
+    saved = run_config(run_dir)
     conflicts = resume_conflicts(saved, cfg)
     if conflicts:
         raise ValueError(
             f"{run_dir} was trained with a different config ({', '.join(conflicts)} differ); "
             "choose another --out, or delete that run directory to retrain it"
         )
-    if saved.train.steps == cfg.train.steps and (run_dir / "result.json").exists():
+    if saved.train.steps == cfg.train.steps and finished:
         return RunResult(**json.loads((run_dir / "result.json").read_text()))
+    if not has_checkpoint(run_dir):
+        raise ValueError(
+            f"{run_dir} finished {saved.train.steps} steps and has no checkpoint to continue to "
+            f"{cfg.train.steps}; choose another --out, or delete that run directory to retrain it"
+        )
     return None
 
 
