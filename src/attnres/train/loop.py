@@ -146,7 +146,7 @@ def train(
         torch.set_num_threads(loop.threads)
     device = _device(loop.device)
     env = init_distributed(device.type)  # under torchrun: join the group; rank 0 alone writes
-    check_world_size(cfg.parallel, env, cfg.train.batch_size)
+    check_world_size(cfg.parallel, env, cfg.train.batch_size, cfg.train.grad_accum)
     device = env.device if env.distributed else device
     with contextlib.ExitStack() as guards:
         if env.is_main:
