@@ -1,4 +1,4 @@
-"""``attnres bench ops``, ``train``, ``memory`` and ``pipeline`` run end to end and end stdout with one JSON line."""
+"""``attnres bench ops``, ``train``, ``memory`` and ``pipeline`` run end to end; stdout ends with JSON."""
 
 from __future__ import annotations
 
