@@ -106,3 +106,16 @@ def test_inference_and_cached_forwards_do_not_checkpoint() -> None:
 def test_unknown_mode_names_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="none, sublayer, block"):
         _model("prenorm").set_activation_checkpointing("layer")
+
+
+def test_diagnostics_switch_recomputation_off_while_they_record() -> None:
+    """Their hooks would see recomputed sublayers twice; the model's mode is restored after."""
+    from attnres.analysis.diagnostics import collect_diagnostics
+
+    model = _model("block").float()
+    x = _tokens()
+    plain = collect_diagnostics(model, x[:, :-1], x[:, 1:])
+    model.set_activation_checkpointing("block")
+    checkpointed = collect_diagnostics(model, x[:, :-1], x[:, 1:])
+    assert model.activation_checkpointing == "block"
+    assert checkpointed == plain
