@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, text in (
         ("ops", "depth-read implementations vs the reference"),
         ("train", "train step vs prenorm"),
+        ("memory", "activation memory of a train step under activation checkpointing (CPU)"),
     ):
         p = bench.add_parser(verb, help=text)
         _add_arguments(f"attnres.bench.{verb}", p)

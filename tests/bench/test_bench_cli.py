@@ -1,4 +1,4 @@
-"""``attnres bench ops``, ``train`` and ``pipeline`` run end to end and end stdout with one JSON line."""
+"""``attnres bench ops``, ``train``, ``memory`` and ``pipeline`` run end to end; stdout ends with JSON."""
 
 from __future__ import annotations
 
@@ -27,6 +27,16 @@ def test_bench_train_pairwise_json(capsys) -> None:
     assert [r["arm"] for r in result["rows"]] == ["prenorm", "block[auto]", "rezero"]
     assert result["rows"][0]["ratio_vs_prenorm"] == 1.0
     assert all(r["step_ms"] > 0 and r["memory_ratio"] > 0 for r in result["rows"])
+
+
+def test_bench_memory_json(capsys) -> None:
+    main(["bench", "memory", "--size", "tiny", "--variants", "prenorm,block", "--repeats", "1", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    kept = {(r["variant"], r["mode"]): r["kept_mb"] for r in result["rows"]}
+    assert set(kept) == {(v, m) for v in ("prenorm", "block") for m in ("none", "sublayer", "block")}
+    assert all(kept[v, "block"] < kept[v, "none"] for v in ("prenorm", "block"))
+    assert "| block | block |" in "\n".join(out)
 
 
 @pytest.mark.distributed

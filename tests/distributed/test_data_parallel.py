@@ -22,8 +22,8 @@ from attnres.distributed.data_parallel import (
 from attnres.distributed.launch import spawn_gloo
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.residuals import ResidualConfig
-from attnres.train.config import ParallelConfig
-from attnres.train.engine import check_world_size
+from attnres.train.config import LoopConfig, OptimConfig, ParallelConfig, TrainConfig
+from attnres.train.engine import ReplicatedEngine, check_world_size
 
 STEPS, BATCH = 3, 4
 
@@ -83,6 +83,52 @@ def test_data_parallel_matches_one_process(dp_shard: bool) -> None:
         torch.testing.assert_close(state[name], p, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     moved = max(float((state[n] - p).abs().max()) for n, p in Transformer(model.cfg).state_dict().items())
     assert moved > 1e-3  # the check is not vacuous: training moved the parameters
+
+
+def _engine_run(env: DistEnv, dp_shard: bool, grad_accum: int, checkpointing: str) -> tuple[list, dict, list]:
+    """STEPS engine steps; returns the losses, the full state and the DDP buckets reduced, in order."""
+    model, batches = _setup()
+    cfg = TrainConfig(
+        model=model.cfg,
+        optim=OptimConfig(lr=1e-2),
+        train=LoopConfig(batch_size=BATCH, grad_accum=grad_accum, activation_checkpointing=checkpointing),
+        parallel=ParallelConfig(dp_shard=dp_shard),
+    )
+    engine = ReplicatedEngine(model, cfg, env)
+    reduced: list[int] = []
+    if isinstance(engine.model, torch.nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_hook(state, bucket):
+            reduced.append(bucket.index())
+            return allreduce_hook(state, bucket)
+
+        engine.model.register_comm_hook(None, counting_hook)
+    losses = [engine.train_step(x, y) for x, y in batches]
+    return losses, full_state_dict(engine.model), reduced
+
+
+def _accum_worker(rank: int, world_size: int, dp_shard: bool, out: str) -> None:
+    result = _engine_run(DistEnv(rank=rank, world_size=world_size), dp_shard, 2, "block")
+    if rank == 0:
+        torch.save(result, out)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("dp_shard", [False, True], ids=["ddp", "fsdp2"])
+def test_accumulation_and_checkpointing_under_data_parallel(dp_shard: bool) -> None:
+    """2 ranks x 2 micro-steps with block checkpointing = one process, one pass per step; DDP
+    reduces each bucket once per step (``no_sync`` on the first micro-step)."""
+    ref_losses, ref_state, _ = _engine_run(DistEnv(), False, 1, "none")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "dp.pt")
+        spawn_gloo(_accum_worker, 2, dp_shard, out)
+        losses, state, reduced = torch.load(out)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    for name, p in ref_state.items():
+        torch.testing.assert_close(state[name], p, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    if not dp_shard:
+        assert reduced and len(reduced) == STEPS * len(set(reduced))
 
 
 def test_shard_batch_refuses_uneven_batches() -> None:

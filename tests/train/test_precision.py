@@ -86,9 +86,9 @@ def test_evaluation_runs_under_the_run_precision(
     seen: list[bool] = []
     loss = engine_module.lm_loss
 
-    def spy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def spy(logits: torch.Tensor, targets: torch.Tensor, **kwargs: str) -> torch.Tensor:
         seen.append(torch.is_autocast_enabled("cpu") and logits.dtype == torch.bfloat16)
-        return loss(logits, targets)
+        return loss(logits, targets, **kwargs)
 
     monkeypatch.setattr(engine_module, "lm_loss", spy)
     cfg = tiny(cache_dir, **{"train.precision": "bf16-mixed", "train.steps": "1", "train.eval_tokens": "256"})

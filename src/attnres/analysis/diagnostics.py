@@ -83,10 +83,11 @@ def collect_diagnostics(model: Transformer, tokens: Tensor, targets: Tensor) -> 
         }
 
     scheme = model.residual
-    previous = scheme.recorder
+    previous, checkpointing = scheme.recorder, model.activation_checkpointing
     handles = [model.embed.register_forward_hook(lambda m, a, o: emb.append(o))]
     handles += [sub.register_forward_hook(on_sublayer) for sub in model.sublayers]
     scheme.recorder = recorder
+    model.set_activation_checkpointing("none")  # a recomputation would run the hooks twice
     try:
         with torch.enable_grad():
             loss = lm_loss(model(tokens), targets)
@@ -95,6 +96,7 @@ def collect_diagnostics(model: Transformer, tokens: Tensor, targets: Tensor) -> 
             grads = torch.autograd.grad(loss, flat, allow_unused=True)
     finally:
         scheme.recorder = previous
+        model.set_activation_checkpointing(checkpointing)
         for h in handles:
             h.remove()
     grad_norms, i = [], 0

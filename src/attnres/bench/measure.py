@@ -8,6 +8,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +51,54 @@ def saved_bytes() -> Iterator[list[int]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield total
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes the CPU allocator handed out, and had not yet freed, during one forward + backward.
+
+    Attributes:
+        kept: live when the backward starts: what the forward keeps for it (saved activations,
+            checkpoint inputs, the logits and the loss).
+        peak: the most live at any moment of the forward and backward, gradients included.
+    """
+
+    kept: int
+    peak: int
+
+
+def step_memory(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> StepMemory:
+    """Measure one training forward and backward of ``model`` with ``torch.profiler``'s memory events.
+
+    Every allocation and free inside the profiled block is an event with its byte count, so their
+    running sum is the memory allocated by the step and still alive: exact and independent of the
+    machine's load, unlike the process's resident size, which the allocator's caching blurs. It
+    counts all tensors, including those a checkpoint keeps as inputs, which
+    :func:`saved_bytes` (autograd's saved tensors only) cannot see. Gradients are set to ``None``
+    first, so their allocation is part of the peak.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from attnres.model import lm_loss
+
+    model.zero_grad(set_to_none=True)
+    marker = "attnres::backward"
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = lm_loss(model(inputs), targets)
+        with record_function(marker):
+            loss.backward()
+        del loss
+    events = prof.profiler.kineto_results.events()
+    backward_start = min(e.start_ns() for e in events if e.name() == marker)
+    live = peak = 0
+    kept = None
+    for start, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        if kept is None and start >= backward_start:
+            kept = live
+        live += nbytes
+        peak = max(peak, live)
+    model.zero_grad(set_to_none=True)
+    return StepMemory(kept=live if kept is None else kept, peak=peak)
 
 
 def machine() -> dict[str, object]:

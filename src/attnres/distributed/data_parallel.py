@@ -11,8 +11,9 @@ load back on any world size, including a single process.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,31 @@ def wrap_model(model: nn.Module, dp_shard: bool, env: DistEnv) -> nn.Module:
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's model inside a DDP wrapper (FSDP2 modifies the model in place)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Run a forward and backward of ``model`` that reduces gradients over ranks only if ``enabled``.
+
+    Gradient accumulation disables it on all micro-steps but the last, whose reduction then
+    covers the summed gradients: DDP's ``no_sync()``, FSDP2's ``set_requires_gradient_sync(False)``
+    (restored to ``True`` on exit). A model that is not wrapped (one process) has nothing to skip.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if enabled:
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def shard_batch(batch: Tensor, env: DistEnv) -> Tensor:

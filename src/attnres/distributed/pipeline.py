@@ -33,7 +33,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,7 +42,6 @@ from torch import Tensor, nn
 
 from attnres.model import Transformer, lm_loss
 from attnres.ops.dispatch import select_impl, use_impl
-from attnres.ops.fused import source_rstd
 from attnres.residuals.attnres import DepthState
 
 CACHE_MODES = ("off", "received", "seen")
@@ -271,13 +270,13 @@ class PipelineChunk(nn.Module):
         """A state from the previous chunk (received, or passed in-process) set up for ``impl``.
 
         Only blocks and the partial cross a boundary; the fused path's per-source ``rstd`` is
-        recomputed from them here. Its gradient then reaches the sources through the received
-        leaves, so the sender gets the same total gradient, summed in a different order.
+        recomputed from them here (the scheme's ``resume``). Its gradient then reaches the sources
+        through the received leaves, so the sender gets the same total gradient, summed in a
+        different order.
         """
         if not isinstance(state, DepthState) or state.impl == impl:
             return state
-        rstd = tuple(source_rstd(t, self.residual.cfg.eps) for t in state.sources) if impl == "fused" else ()
-        return DepthState(blocks=state.blocks, partial=state.partial, impl=impl, rstd=rstd)
+        return self.residual.resume(replace(state, impl=impl), self.start)
 
     def global_names(self) -> dict[str, tuple[str, tuple[int, ...] | None]]:
         """Local parameter name -> (name in the full model, owned rows or ``None`` for the whole tensor)."""

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -75,7 +77,7 @@ class AttnResPreTrainedModel(PreTrainedModel):
 
     config_class = AttnResConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _supports_sdpa = True  # every attention is F.scaled_dot_product_attention
     _no_split_modules = ["Transformer"]
 
@@ -85,6 +87,40 @@ class AttnResPreTrainedModel(PreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True) and os.path.isdir(save_directory):
             write_remote_code(save_directory)
+
+    def _set_gradient_checkpointing(
+        self,
+        enable: bool = True,
+        gradient_checkpointing_func: Callable[..., Any] = checkpoint,
+        every_n_layers: int = 1,
+    ) -> None:
+        """transformers' hook behind ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``
+        (and their ``disable``): the wrapped model's own mechanism, in mode ``"block"``.
+
+        ``"block"`` recomputes one Transformer layer at a time for variants without blocks (what
+        transformers means by checkpointing a decoder layer) and one block of ``S`` sublayers for
+        Block AttnRes; ``model.transformer.set_activation_checkpointing("sublayer")`` picks the
+        other mode. The model calls ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``
+        itself, so only that function (and ``use_reentrant=False``) is accepted, and only
+        ``every_n_layers=1``.
+        """
+        kwargs = getattr(gradient_checkpointing_func, "keywords", {})
+        func = getattr(gradient_checkpointing_func, "func", gradient_checkpointing_func)
+        ours = func is checkpoint and set(kwargs) <= {"use_reentrant"} and not kwargs.get("use_reentrant")
+        if enable and not (ours and every_n_layers == 1):
+            raise ValueError(
+                "AttnRes models checkpoint with torch.utils.checkpoint(use_reentrant=False) and "
+                "every_n_layers=1 only (no other activation_checkpointing_kwargs, no offload); "
+                f"got {gradient_checkpointing_func!r}, every_n_layers={every_n_layers}"
+            )
+        for module in self.modules():
+            if isinstance(module, Transformer):
+                module.set_activation_checkpointing("block" if enable else "none")
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether the wrapped model recomputes activations in the backward."""
+        return any(m.activation_checkpointing != "none" for m in self.modules() if isinstance(m, Transformer))
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

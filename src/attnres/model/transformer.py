@@ -8,10 +8,12 @@ loop in :meth:`Transformer.hidden` never branches on the variant.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from attnres.model.cache import KVCache
 from attnres.model.config import ModelConfig
@@ -19,6 +21,12 @@ from attnres.residuals import build_residual
 
 #: dtypes ``nn.Embedding`` takes as indices
 TOKEN_DTYPES = (torch.int64, torch.int32)
+
+#: the target id :func:`lm_loss` ignores (padding, prompt tokens)
+IGNORE_INDEX = -100
+
+#: what :meth:`Transformer.set_activation_checkpointing` accepts
+CHECKPOINT_MODES = ("none", "sublayer", "block")
 
 
 def check_token_ids(tokens: Tensor, vocab_size: int, what: str = "token ids") -> None:
@@ -122,7 +130,13 @@ class Transformer(nn.Module):
     """Decoder-only LM whose residual connections are a pluggable scheme.
 
     ``sublayers[2i]`` is layer ``i``'s attention and ``sublayers[2i+1]`` its MLP.
+
+    Attributes:
+        activation_checkpointing: what a training forward recomputes in the backward instead of
+            keeping (:meth:`set_activation_checkpointing`); ``"none"`` after construction.
     """
+
+    activation_checkpointing: str = "none"
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -178,6 +192,35 @@ class Transformer(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=std)
         self.residual.reset_parameters()
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """Choose what a training forward recomputes in the backward instead of keeping.
+
+        It applies to forwards with gradients enabled and no ``cache`` (a recomputation would
+        append to the cache twice); others run as with ``"none"``. The gradients are those without
+        checkpointing, up to the order of floating-point sums: the model has no randomness (no
+        dropout), and ``torch.utils.checkpoint`` with ``use_reentrant=False`` would restore the RNG
+        state anyway.
+
+        Args:
+            mode: ``"none"``: keep every activation. ``"sublayer"``: recompute each sublayer
+                ``f_l(h)`` (its norm and attention or MLP); depth reads and residual updates keep
+                theirs. ``"block"``: recompute groups of ``residual.checkpoint_group()``
+                sublayers, depth reads and updates included, keeping only the residual state at
+                group boundaries (reduced by ``residual.carry``). For Block AttnRes a group is one
+                block of ``S`` sublayers, so what is kept is the block representations and the live
+                partial sum, as in the paper's training schedule; Full AttnRes groups single
+                sublayers (every output is a source and is kept anyway); ``hierarchical`` groups
+                its ``S``; every other variant groups one Transformer layer (attention and MLP).
+
+        Raises:
+            ValueError: ``mode`` is not one of :data:`CHECKPOINT_MODES`.
+        """
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(
+                f"activation checkpointing {mode!r} is not one of: {', '.join(CHECKPOINT_MODES)}"
+            )
+        self.activation_checkpointing = mode
+
     def check_tokens(self, tokens: Tensor) -> None:
         """Raise a clear error for non-integer tokens, ids outside ``[0, vocab_size)``, an empty or a
         too-long sequence."""
@@ -220,7 +263,8 @@ class Transformer(nn.Module):
             layer_inputs: a list to which the input of every Transformer layer is appended, in
                 order: the residual stream's read that feeds the layer's attention sublayer
                 (sublayer ``2i``; for AttnRes, that sublayer's depth read; for ``prenorm``, the
-                running sum, so layer 0's input is the embedding).
+                running sum, so layer 0's input is the embedding). Activation checkpointing is off
+                for a forward that collects them.
         """
         self.check_tokens(tokens)
         T = tokens.shape[1]
@@ -235,13 +279,52 @@ class Transformer(nn.Module):
             self._check_positions(positions, tokens.shape)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, hd/2]
         state = self.residual.init_state(self.embed(tokens))
-        for layer, sublayer in enumerate(self.sublayers):
-            h = self.residual.layer_input(state, layer)
+        L = len(self.sublayers)
+        # the layers' inputs are read out of the forward as it runs: nothing to recompute around them
+        recomputing = torch.is_grad_enabled() and cache is None and layer_inputs is None
+        mode = self.activation_checkpointing if recomputing else "none"
+        if mode == "block":
+            size = self.residual.checkpoint_group()
+            for start in range(0, L, size):
+                state = self._recomputed_group(state, range(start, min(start + size, L)), cos, sin)
+            state = self.residual.resume(state, L)
+        else:
+            state = self._run_sublayers(
+                state, range(L), cos, sin, cache, recompute=mode == "sublayer", layer_inputs=layer_inputs
+            )
+        return self.residual.final(state)
+
+    def _run_sublayers(
+        self,
+        state: Any,
+        layers: range,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        recompute: bool,
+        layer_inputs: list[Tensor] | None = None,
+    ) -> Any:
+        """The residual state after sublayers ``layers``; ``recompute``: checkpoint each ``f_l(h)``;
+        ``layer_inputs``: as in :meth:`hidden`."""
+        for layer in layers:
+            sublayer, h = self.sublayers[layer], self.residual.layer_input(state, layer)
             if layer_inputs is not None and layer % 2 == 0:
                 layer_inputs.append(h)
-            out = sublayer(h, cos, sin, cache=cache)
+            if recompute:
+                out = checkpoint(sublayer, h, cos, sin, use_reentrant=False)
+            else:
+                out = sublayer(h, cos, sin, cache=cache)
             state = self.residual.update(state, layer, out)
-        return self.residual.final(state)
+        return state
+
+    def _recomputed_group(self, state: Any, layers: range, cos: Tensor, sin: Tensor) -> Any:
+        """Sublayers ``layers`` under one checkpoint: the backward keeps only the carried state."""
+
+        def run(carried: Any) -> Any:
+            resumed = self.residual.resume(carried, layers.start)
+            return self.residual.carry(self._run_sublayers(resumed, layers, cos, sin, None, False))
+
+        return checkpoint(run, self.residual.carry(state), use_reentrant=False)
 
     def _check_positions(self, positions: Tensor, shape: torch.Size) -> None:
         if positions.shape != shape:
@@ -267,6 +350,12 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(self.hidden(tokens, cache, positions, attention_mask)))
 
 
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy; ``targets`` equal to -100 are ignored."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy, in fp32 or wider; ``targets`` equal to ``IGNORE_INDEX`` (-100) are ignored.
+
+    ``reduction``: ``"mean"`` over the counted targets, or their ``"sum"`` (gradient accumulation
+    divides the sums of its micro-batches by the whole batch's count).
+    """
+    logits = logits.flatten(0, 1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)

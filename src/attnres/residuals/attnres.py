@@ -251,6 +251,34 @@ class BlockAttnRes(ResidualScheme):
     def final(self, state: DepthState | StackedDepthState) -> Tensor:
         return self._read(state, self.n_sublayers)
 
+    def checkpoint_group(self) -> int:
+        """One block of ``S`` sublayers (Full: one sublayer), as in the paper's training schedule."""
+        return self.block_size
+
+    def carry(self, state: DepthState | StackedDepthState) -> DepthState | StackedDepthState:
+        """The blocks, the partial sum and their ``[B, T]`` statistics.
+
+        ``two_phase``'s phase-1 results for the next group (``S`` tensors ``[B, T, d]``) are
+        dropped: :meth:`resume` recomputes them inside the group that reads them.
+        """
+        return replace(state, group=None) if isinstance(state, DepthState) and state.group else state
+
+    def resume(self, state: DepthState | StackedDepthState, site: int) -> DepthState | StackedDepthState:
+        """Rebuild the fast paths' statistics where they are missing (a state that arrived from
+        another pipeline stage carries only blocks and the partial), and ``two_phase``'s phase 1
+        for the group starting at ``site``.
+
+        At the final read ``site = L`` the "group" is that one read over every source (the live
+        partial included), which is the read itself; any other ``site`` must be a group start.
+        """
+        if not isinstance(state, DepthState) or state.impl == "reference":
+            return state
+        if len(state.rstd) != len(state.sources):
+            state = replace(state, rstd=tuple(source_rstd(t, self.cfg.eps) for t in state.sources))
+        if state.impl == "two_phase" and state.group is None:
+            state = self._open_group(state, site)
+        return state
+
     def _read(self, state: DepthState | StackedDepthState, site: int) -> Tensor:
         if isinstance(state, StackedDepthState):
             return self._read_stacked(state, site)

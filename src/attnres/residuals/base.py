@@ -23,6 +23,11 @@ stream is fp32 under mixed precision, the convention of autocast training. Why t
 sums accumulate in fp32 as PreNorm's sum does, and the embedding is never rounded; it costs one
 elementwise cast per sublayer output (none for an output added to a running sum, where the add
 promotes anyway) and fp32 storage for the sources, the size of PreNorm's fp32 stream.
+
+Activation checkpointing by blocks (``Transformer.set_activation_checkpointing("block")``) runs
+``checkpoint_group()`` consecutive sublayers at a time under one checkpoint. What is kept for the
+backward is the state at each group boundary, reduced by :meth:`ResidualScheme.carry`; inside the
+next group :meth:`ResidualScheme.resume` rebuilds what ``carry`` dropped.
 """
 
 from __future__ import annotations
@@ -186,3 +191,27 @@ class ResidualScheme(nn.Module, ABC):
     @abstractmethod
     def final(self, state: Any) -> Tensor:
         """The ``[B, T, d]`` tensor fed to the final norm and LM head."""
+
+    def checkpoint_group(self) -> int:
+        """Sublayers per segment of ``block`` activation checkpointing.
+
+        One Transformer layer (an attention and its MLP) by default; schemes with blocks of
+        sublayers override it with their block size.
+        """
+        return 2
+
+    def carry(self, state: Any) -> Any:
+        """``state`` reduced to what must be kept across a checkpointed group boundary.
+
+        The default keeps the whole state. A scheme whose state holds tensors derived from others
+        (and large) drops them here and rebuilds them in :meth:`resume`.
+        """
+        return state
+
+    def resume(self, state: Any, site: int) -> Any:
+        """A state from :meth:`carry` made ready for the read at ``site`` and the updates after it.
+
+        ``site`` is a group start (a multiple of :meth:`checkpoint_group`) or the final read ``L``.
+        The default is the identity.
+        """
+        return state

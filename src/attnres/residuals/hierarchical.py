@@ -149,5 +149,9 @@ class HierarchicalAttnRes(ResidualScheme):
     def final(self, state: GroupState) -> Tensor:
         return self.read(state, self.n_sublayers)
 
+    def checkpoint_group(self) -> int:
+        """One group of ``S`` sublayers."""
+        return self.block_size
+
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, heads={self.heads}, query_init={self.query_init}"

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from attnres.configs import check_numbers, config_diff
 from attnres.model import ModelConfig
+from attnres.model.transformer import CHECKPOINT_MODES
 
 CORPORA = ("shakespeare", "torch", "text")
 TOKENIZERS = ("byte", "bpe")
@@ -128,7 +129,23 @@ class LoopConfig:
 
     Attributes:
         steps: optimiser steps.
-        batch_size: sequences per step (each ``model.seq_len`` tokens).
+        batch_size: sequences per step (each ``model.seq_len`` tokens), over all processes.
+        grad_accum: micro-steps per optimiser step: each process runs its share of the batch as
+            ``grad_accum`` forward/backward passes of equal size and sums their gradients before
+            one optimiser step (data-parallel ranks synchronise on the last one only). The step is
+            the one of the whole batch at once: each micro-batch's summed token loss is divided by
+            the batch's token count, and clipping and the logged loss see the whole step. The batch
+            (per process, under DDP/FSDP2) must divide by it. A pipeline already splits a step
+            into micro-batches: use ``parallel.microbatches`` there (``grad_accum`` must stay 1).
+            It may change when a run resumes (the same step, up to rounding); checkpoints are only
+            written between steps, so a resume never lands inside an accumulation.
+        activation_checkpointing: what the backward recomputes instead of keeping: ``none``,
+            ``sublayer`` (each sublayer's norm + attention/MLP) or ``block`` (groups of sublayers
+            with their depth reads: a block of ``S`` for Block AttnRes, one sublayer for Full, one
+            Transformer layer for variants without blocks; see
+            ``Transformer.set_activation_checkpointing``). Memory only: the gradients are the same up
+            to rounding, and it may change on resume. Not available under a pipeline (``parallel.pp
+            > 1``), whose chunks run their own sublayer loop.
         eval_every: evaluate every this many steps (and at the end).
         eval_tokens: validation tokens per evaluation (a fixed, deterministic set of windows).
         checkpoint_every: save a checkpoint every this many steps (0: only at the end).
@@ -150,6 +167,8 @@ class LoopConfig:
 
     steps: int = 200
     batch_size: int = 16
+    grad_accum: int = 1
+    activation_checkpointing: str = "none"
     eval_every: int = 50
     eval_tokens: int = 32768
     checkpoint_every: int = 0
@@ -162,9 +181,15 @@ class LoopConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "eval_tokens"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} does not split into train.grad_accum="
+                f"{self.grad_accum} equal micro-batches; pick a grad_accum that divides the batch size"
+            )
+        _choice("train", "activation_checkpointing", self.activation_checkpointing, CHECKPOINT_MODES)
         if self.checkpoint_every < 0 or self.threads < 0:
             raise ValueError("train.checkpoint_every and train.threads must be >= 0")
         _choice("train", "device", self.device, ("auto", "cpu", "cuda"))
@@ -250,6 +275,19 @@ class TrainConfig:
                 + ": its gradient scaler would check for overflow in this rank's gradients only, so "
                 "ranks could disagree on skipping a step; use one of: fp32, bf16-mixed, bf16-true"
             )
+        if self.parallel.pipeline and self.train.grad_accum > 1:
+            raise ValueError(
+                f"train.grad_accum={self.train.grad_accum} does not combine with parallel.pp > 1: a "
+                "pipeline step already accumulates over its micro-batches; set "
+                f"parallel.microbatches (e.g. {self.train.grad_accum * self.parallel.pp}) and leave "
+                "train.grad_accum at 1"
+            )
+        if self.parallel.pipeline and self.train.activation_checkpointing != "none":
+            raise ValueError(
+                f"train.activation_checkpointing={self.train.activation_checkpointing} is not available "
+                "with parallel.pp > 1 (pipeline chunks run their own sublayer loop); use "
+                "train.activation_checkpointing=none, or DDP/FSDP2 (parallel.pp=1)"
+            )
         if self.parallel.pipeline and self.train.batch_size % self.parallel.n_microbatches:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} does not split into "
@@ -260,7 +298,9 @@ class TrainConfig:
 
 #: what a resumed run may change besides the parallel layout (``parallel.*``): how long and where
 #: it runs, never what it trains (the optimiser's hyperparameters come back with its state anyway).
-#: ``model.vocab_size`` is the tokenizer's, fixed when the run started.
+#: Gradient accumulation and activation checkpointing, like the layout, change how a step is
+#: computed, not the step (up to rounding). ``model.vocab_size`` is the tokenizer's, fixed when the
+#: run started.
 RESUME_MAY_CHANGE = frozenset(
     {
         "train.steps",
@@ -269,6 +309,8 @@ RESUME_MAY_CHANGE = frozenset(
         "train.device",
         "train.checkpoint_every",
         "train.logger",
+        "train.grad_accum",
+        "train.activation_checkpointing",
         "model.vocab_size",
     }
 )

@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 from attnres.distributed.data_parallel import (
     DistEnv,
     checkpoint_model,
+    gradient_sync,
     load_optimizer_state,
     mean_over_ranks,
     optimizer_state,
@@ -51,6 +52,7 @@ from attnres.distributed.pipeline_train import (
     param_names,
 )
 from attnres.model import Transformer, lm_loss
+from attnres.model.transformer import IGNORE_INDEX
 from attnres.train.config import ParallelConfig, TrainConfig
 from attnres.train.optim import OptimizerGroup, build_optimizer
 from attnres.train.precision import Precision
@@ -103,13 +105,20 @@ def loss_sums(
     return total, count
 
 
-def check_world_size(parallel: ParallelConfig, env: DistEnv, batch_size: int) -> None:
+def check_world_size(parallel: ParallelConfig, env: DistEnv, batch_size: int, grad_accum: int = 1) -> None:
     """Before any work: refuse a pipeline whose stage count is not the number of processes, and a
-    data-parallel run whose global batch of ``batch_size`` sequences does not split over the ranks."""
+    data-parallel run whose global batch of ``batch_size`` sequences does not split over the ranks,
+    or whose per-rank share does not split into ``grad_accum`` micro-batches."""
     if not parallel.pipeline and batch_size % env.world_size:
         raise ValueError(
             f"train.batch_size={batch_size} is not divisible by the {env.world_size} data-parallel "
             "ranks; pick a batch size that is a multiple of --nproc-per-node x nodes"
+        )
+    if not parallel.pipeline and (batch_size // env.world_size) % grad_accum:
+        raise ValueError(
+            f"each of the {env.world_size} data-parallel ranks gets {batch_size // env.world_size} "
+            f"sequences of train.batch_size={batch_size}, which do not split into train.grad_accum="
+            f"{grad_accum} equal micro-batches; make batch_size a multiple of ranks x grad_accum"
         )
     if parallel.pipeline and env.world_size != parallel.pp:
         raise ValueError(
@@ -159,13 +168,16 @@ class Engine(ABC):
 class ReplicatedEngine(Engine):
     """The whole model in each process: one process, or DDP / FSDP2 over ``env.world_size`` ranks.
 
-    Each rank trains on its slice of the global batch (:func:`shard_batch`).
+    Each rank trains on its slice of the global batch (:func:`shard_batch`), in ``train.grad_accum``
+    micro-steps whose gradients are reduced over ranks once, on the last. The model recomputes
+    activations in the backward as ``train.activation_checkpointing`` says.
     """
 
     def __init__(self, model: Transformer, cfg: TrainConfig, env: DistEnv) -> None:
         self.env, self.grad_clip, self.model_cfg = env, cfg.optim.grad_clip, cfg.model
-        self.dp_shard = cfg.parallel.dp_shard
+        self.dp_shard, self.grad_accum = cfg.parallel.dp_shard, cfg.train.grad_accum
         self.precision = Precision(cfg.train.precision, env.device)
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.model = wrap_model(self.precision.prepare(model), cfg.parallel.dp_shard, env)
         self.optimizer = build_optimizer(unwrap(self.model).named_parameters(), cfg.optim)
         kind = "FSDP2" if cfg.parallel.dp_shard else "DDP"
@@ -173,9 +185,18 @@ class ReplicatedEngine(Engine):
 
     def train_step(self, x: Tensor, y: Tensor) -> StepStats:
         x, y = (shard_batch(t, self.env).to(self.env.device) for t in (x, y))
-        with self.precision.autocast():
-            loss = lm_loss(self.model(x), y)
-        self.precision.backward(loss)  # outside autocast, as torch.amp recommends
+        # the token mean over this rank's whole batch (check_world_size made the split even): each
+        # micro-batch adds its token sum / the batch's count, so unequal counts weigh right too
+        count = (y != IGNORE_INDEX).sum()
+        micro = list(zip(x.chunk(self.grad_accum), y.chunk(self.grad_accum), strict=True))
+        parts = []
+        for i, (xm, ym) in enumerate(micro):
+            with gradient_sync(self.model, enabled=i == len(micro) - 1):
+                with self.precision.autocast():
+                    part = lm_loss(self.model(xm), ym, reduction="sum") / count
+                self.precision.backward(part)  # outside autocast, as torch.amp recommends
+            parts.append(part.detach())
+        loss = sum(parts[1:], parts[0])
         norm = None
         if self.grad_clip:  # DDP: gradients are averaged already, so every rank has the global norm
             self.precision.unscale(self.optimizer)

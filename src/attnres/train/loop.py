@@ -150,7 +150,7 @@ def train(
     require_logger(loop.logger)  # a missing package is refused before the run directory is touched
     check_precision_supported(loop.precision, device)  # before any data is loaded
     env = init_distributed(device.type)  # under torchrun: join the group; rank 0 alone writes
-    check_world_size(cfg.parallel, env, cfg.train.batch_size)
+    check_world_size(cfg.parallel, env, cfg.train.batch_size, cfg.train.grad_accum)
     device = env.device if env.distributed else device
     with contextlib.ExitStack() as guards:
         if env.is_main:
