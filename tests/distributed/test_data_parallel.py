@@ -104,7 +104,7 @@ def _engine_run(env: DistEnv, dp_shard: bool, grad_accum: int, checkpointing: st
             return allreduce_hook(state, bucket)
 
         engine.model.register_comm_hook(None, counting_hook)
-    losses = [engine.train_step(x, y) for x, y in batches]
+    losses = [engine.train_step(x, y).loss for x, y in batches]
     return losses, full_state_dict(engine.model), reduced
 
 
