@@ -30,6 +30,26 @@ def test_sample_streams_text_from_a_trained_checkpoint(run_dir: Path, capsys: py
     assert printed == "ROMEO:" + "".join(pieces) + "\n"
 
 
+def test_sample_compile_prints_what_eager_prints(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """``attnres sample --compile`` (greedy, so both pick the same tokens): the compiled decode step."""
+    args = [
+        "sample",
+        "--ckpt",
+        str(run_dir),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]
+    capsys.readouterr()
+    cli(args)
+    eager = capsys.readouterr().out
+    cli([*args, "--compile"])
+    assert capsys.readouterr().out == eager
+
+
 def test_missing_and_truncated_checkpoints_are_clear_errors(run_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_for_sampling(tmp_path / "nope")

@@ -73,11 +73,13 @@ def stream_text(
     prompt: str,
     max_new_tokens: int | None = None,
     sampling: SamplingConfig | None = None,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` piece by piece as tokens are generated.
 
     Generation stops at the tokenizer's end-of-text token (not yielded) or after ``max_new_tokens``
-    (``None``: as many as fit in the context). Text is decoded from all tokens so far and only the
+    (``None``: as many as fit in the context); ``compile`` compiles the decode steps
+    (:func:`attnres.model.generate.stream`). Text is decoded from all tokens so far and only the
     new suffix is yielded, so a character split across byte tokens appears once it is complete.
     """
     check_text(prompt)
@@ -90,7 +92,7 @@ def stream_text(
     stop = [] if eos is None else [eos]
     new: list[int] = []
     shown = ""
-    for step in stream(model, [ids], max_new_tokens, sampling, stop_tokens=stop):
+    for step in stream(model, [ids], max_new_tokens, sampling, stop_tokens=stop, compile=compile):
         token = int(step[0])
         if token < 0 or token in stop:
             break
@@ -115,6 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (pays off only for long generations: compiling takes tens of "
+        "seconds on CPU; needs a C++ compiler there)",
+    )
 
 
 def main(args: argparse.Namespace) -> str:
@@ -123,7 +131,7 @@ def main(args: argparse.Namespace) -> str:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
     model, tokenizer = load_for_sampling(args.ckpt)
-    pieces = stream_text(model, tokenizer, args.prompt, args.max_new_tokens, sampling)
+    pieces = stream_text(model, tokenizer, args.prompt, args.max_new_tokens, sampling, args.compile)
     first = next(pieces, "")  # a bad prompt raises here, before anything is printed
     sys.stdout.write(args.prompt)
     out = []

@@ -95,12 +95,9 @@ def spy_on_depth_reads(monkeypatch: pytest.MonkeyPatch, scheme: ResidualScheme) 
 
     for name in ("init_state", "layer_input", "update", "final"):
         monkeypatch.setattr(scheme, name, spied(getattr(scheme, name)))
-    functions = [fused._SourceRstd, fused._DepthAttend, two_phase._Merge]
-    if triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
-        from attnres.ops.triton import autograd as triton_autograd
-
-        functions += [triton_autograd._TritonDepthAttend, triton_autograd._TritonMerge]
-    for fn in functions:
+    # the native and Triton kernels are custom ops whose backward formulas torch.library holds; they
+    # compute inside their kernels, unseen by a dispatch mode anyway
+    for fn in (fused._SourceRstd, fused._DepthAttend, two_phase._Merge):
         monkeypatch.setattr(fn, "backward", staticmethod(spied(fn.backward)))
     yield spy
 

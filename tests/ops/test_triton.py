@@ -96,7 +96,7 @@ def test_attend_matches_torch(dtype: torch.dtype, n: int, t: int, d: int, s: int
     grad_outs = [randn(2, t, d, dtype=queries.dtype, seed=2 + i) for i in range(s)]
     grad_lse = randn(2, t, s, dtype=queries.dtype, seed=1)
 
-    *ref_outs, ref_lse = _DepthAttend.apply(queries, False, n, *sources, *rstd)  # PyTorch ops
+    *ref_outs, ref_lse = _DepthAttend.apply(queries, n, *sources, *rstd)  # PyTorch ops
     ref_grads = grads([*ref_outs, ref_lse], leaves, [*grad_outs, grad_lse])
     with use_kernels("triton"):
         outs, lse = depth_attend(sources, rstd, queries)
@@ -123,7 +123,7 @@ def test_attend_reads_strided_queries() -> None:
     strided = queries.t().contiguous().t()  # [S, d] values, [d, S] memory
     assert not strided.is_contiguous()
     grad_outs = [randn(2, t, d, dtype=torch.float64, seed=2 + i) for i in range(s)]
-    *ref_outs, _ = _DepthAttend.apply(queries, False, n, *sources, *rstd)
+    *ref_outs, _ = _DepthAttend.apply(queries, n, *sources, *rstd)
     ref_grad = grads(ref_outs, [queries], grad_outs)[0]
     with use_kernels("triton"):
         outs, _ = depth_attend(sources, rstd, strided)

@@ -9,6 +9,10 @@ precision).
 
 Memory is the bytes saved for backward by one training forward (unique storages) plus parameters,
 gradients and AdamW state (4 × parameters): the CPU allocator has no peak counter.
+
+``--compile`` runs every arm's forward (and so its backward) under ``torch.compile`` (inductor, the
+depth reads on the same kernels as eager, inside the graph), ratios then being compiled against
+compiled prenorm; the warm-up call compiles (not timed), and memory is measured eagerly.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from attnres.bench.measure import interleaved_medians, machine, saved_bytes
 from attnres.model import ModelConfig, Transformer, lm_loss
+from attnres.model.compile import allow_graphs, check_compile_supported
 from attnres.ops.dispatch import use_impl
 from attnres.residuals import ResidualConfig, variant_names
 from attnres.train.precision import Precision, check_precision_supported
@@ -50,8 +55,12 @@ def run(args: argparse.Namespace) -> dict:
     precisions = args.precisions.split(",")
     for precision in precisions:
         check_precision_supported(precision, torch.device("cpu"))
+    if args.compile:
+        check_compile_supported("cpu")
     if not args.pairwise:
-        rows = _measure(["prenorm", *variants], size, args.impls.split(","), args.repeats, precisions)
+        rows = _measure(
+            ["prenorm", *variants], size, args.impls.split(","), args.repeats, precisions, args.compile
+        )
     else:
         rows = []
         spawn = multiprocessing.get_context("spawn")
@@ -65,6 +74,7 @@ def run(args: argparse.Namespace) -> dict:
                     args.repeats,
                     precisions,
                     torch.get_num_threads(),
+                    args.compile,
                 )
                 pair = pool.submit(_measure_in_child, *job).result()
             for r in pair[1:]:
@@ -72,21 +82,39 @@ def run(args: argparse.Namespace) -> dict:
                       file=sys.stderr, flush=True)  # fmt: skip
             rows += pair if i == 0 else pair[1:]
     return {"bench": "train", "size": args.size, "shape": size, "repeats": args.repeats,
-            "precisions": precisions, "pairwise": args.pairwise, "rows": rows,
+            "precisions": precisions, "pairwise": args.pairwise, "compile": args.compile, "rows": rows,
             "machine": machine()}  # fmt: skip
 
 
 def _measure_in_child(
-    variants: list[str], size: dict, impls: list[str], repeats: int, precisions: list[str], threads: int
+    variants: list[str],
+    size: dict,
+    impls: list[str],
+    repeats: int,
+    precisions: list[str],
+    threads: int,
+    compile: bool,
 ) -> list[dict]:
     torch.set_num_threads(threads)
-    return _measure(variants, size, impls, repeats, precisions)
+    return _measure(variants, size, impls, repeats, precisions, compile)
 
 
 def _measure(
-    variants: list[str], size: dict, impls: list[str], repeats: int, precisions: list[str]
+    variants: list[str],
+    size: dict,
+    impls: list[str],
+    repeats: int,
+    precisions: list[str],
+    compile: bool = False,
 ) -> list[dict]:
-    """Rows for ``variants`` (the first is the baseline) × ``precisions``, all arms interleaved in one run."""
+    """Rows for ``variants`` (the first is the baseline) × ``precisions``, all arms interleaved in one run.
+
+    ``compile``: each arm's model under ``torch.compile``. All arms' graphs belong to one code object
+    (``Transformer.forward``), two per arm (training and the no-grad forward), so the recompile limit
+    is raised to fit them: past it, dynamo would silently run the later arms eagerly.
+    """
+    if compile:
+        allow_graphs(2 * len(precisions) * sum(len(impls) if v in ATTNRES else 1 for v in variants) + 2)
     batch = size["batch"]
     model_kw = {k: v for k, v in size.items() if k != "batch"}
     gen = torch.Generator().manual_seed(0)
@@ -106,15 +134,16 @@ def _measure(
                 model = prec.prepare(model)
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 mode = "auto" if impl == "-" else impl  # other variants read as they do by default
+                run_model = torch.compile(model) if compile else model
 
-                def step(model=model, opt=opt, mode=mode, prec=prec) -> None:
+                def step(model=run_model, opt=opt, mode=mode, prec=prec) -> None:
                     with use_impl(mode), prec.autocast():
                         loss = lm_loss(model(inputs), targets)
                     prec.backward(loss)
                     opt.step()  # no clipping here, so the scaler's unscale-before-step is not needed
                     opt.zero_grad(set_to_none=True)
 
-                def forward(model=model, mode=mode, prec=prec) -> None:
+                def forward(model=run_model, mode=mode, prec=prec) -> None:
                     with torch.no_grad(), use_impl(mode), prec.autocast():
                         model(inputs)
 
@@ -146,7 +175,11 @@ def table(result: dict) -> str:
     width = max(20, *(len(r["arm"]) for r in result["rows"]))
     head = f"{'arm':<{width}} {'step ms':>9} {'x prenorm':>9} {'fwd ms':>9} {'fwd x':>7} {'mem MB':>8}"
     head += f" {'mem x':>6}"
-    lines = [f"bench train, size {result['size']} {result['shape']}, median of {result['repeats']}", head]
+    compiled = ", torch.compile" if result.get("compile") else ""
+    lines = [
+        f"bench train, size {result['size']} {result['shape']}, median of {result['repeats']}{compiled}",
+        head,
+    ]
     for r in result["rows"]:
         lines.append(
             f"{r['arm']:<{width}} {r['step_ms']:9.1f} {r['ratio_vs_prenorm']:9.3f} {r['forward_ms']:9.1f} "
@@ -173,6 +206,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--pairwise",
         action="store_true",
         help="measure each variant in its own run beside prenorm (bounded memory; use with --variants all)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every arm (inductor; the warm-up step compiles, untimed); needs a C++ compiler",
     )
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line")
 

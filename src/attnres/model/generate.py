@@ -9,6 +9,15 @@ Sampling, per row and step: ``temperature == 0`` is greedy (argmax). Otherwise l
 by the temperature, restricted to the ``top_k`` most likely tokens, then to the smallest set whose
 probability reaches ``top_p`` (nucleus), and one token is drawn with a ``torch.Generator`` seeded by
 ``seed``, so the same seed gives the same sample.
+
+``compile=True`` compiles the decode step only (:func:`decode_step`, inductor, ``dynamic=True``):
+the prompt's prefill runs once per call, and compiling it would cost more than it saves. The
+step's graph is compiled once for a batch of one row and once for more rows (dynamo specialises
+sizes 0 and 1), and serves every later prompt length, ``max_new_tokens`` and cache position: the
+cache position is a symbolic size, and the cache keeps one spare slot (:func:`stream`) so that the
+last step's slice of it is never the whole buffer, which dynamo would specialise on (a recompile
+at the last step of every call). Each compilation takes tens of seconds on CPU, so compiled
+generation pays off only over thousands of generated tokens (``benchmarks/results/compile_cpu.md``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from torch import Tensor
 
 from attnres.configs import check_finite, check_int
 from attnres.model.cache import KVCache
+from attnres.model.compile import check_compile_supported
 from attnres.model.transformer import Transformer, check_token_ids
 
 
@@ -187,6 +197,15 @@ def _check_prompts(
     return out
 
 
+def decode_step(model: Transformer, tokens: Tensor, cache: KVCache) -> Tensor:
+    """One decode forward: the next-token logits ``[B, vocab]`` of ``tokens [B, 1]`` after ``cache``."""
+    return model(tokens, cache=cache)[:, -1]
+
+
+#: :func:`decode_step` under ``torch.compile``; its graphs are shared by every model of one class
+compiled_decode_step = torch.compile(decode_step, dynamic=True, fullgraph=True)
+
+
 @torch.no_grad()
 def stream(
     model: Transformer,
@@ -195,6 +214,7 @@ def stream(
     sampling: SamplingConfig | None = None,
     stop_tokens: Sequence[int] = (),
     prefill_chunk: int | None = None,
+    compile: bool = False,
 ) -> Iterator[Tensor]:
     """Generate token by token, yielding each step's new tokens ``[B]`` as they are chosen.
 
@@ -209,17 +229,22 @@ def stream(
         sampling: greedy, temperature, top-k, top-p and seed (default: ``SamplingConfig()``).
         stop_tokens: ids that end a row (e.g. the tokenizer's end-of-text id).
         prefill_chunk: prompt tokens per prefill forward (``None``: the whole prompt at once).
+        compile: run the decode steps compiled (see the module docstring; the same tokens as eager
+            up to floating-point reassociation, so greedy decoding may rarely pick another token at
+            a near tie).
     """
     sampling = SamplingConfig() if sampling is None else sampling
     prompts = _check_prompts(model, prompts, max_new_tokens)
     if max_new_tokens == 0:
         return
     param = next(model.parameters())
+    if compile:
+        check_compile_supported(param.device)
+    step_fn = compiled_decode_step if compile else decode_step
     tokens, mask = left_pad(prompts)
     tokens, mask = tokens.to(param.device), mask.to(param.device)
-    cache = KVCache(
-        model.cfg, len(prompts), tokens.shape[1] + max_new_tokens, dtype=param.dtype, device=param.device
-    )
+    capacity = tokens.shape[1] + max_new_tokens + (1 if compile else 0)  # compiled: one spare slot
+    cache = KVCache(model.cfg, len(prompts), capacity, dtype=param.dtype, device=param.device)
     generator = torch.Generator(device=param.device).manual_seed(sampling.seed)
     stop = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=param.device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=param.device)
@@ -232,7 +257,7 @@ def stream(
         if bool(finished.all()) or step == max_new_tokens - 1:
             return
         # Finished rows keep decoding a harmless token; their output is discarded.
-        logits = model(nxt.clamp(min=0)[:, None], cache=cache)[:, -1]
+        logits = step_fn(model, nxt.clamp(min=0)[:, None], cache)
 
 
 def generate(
@@ -242,13 +267,14 @@ def generate(
     sampling: SamplingConfig | None = None,
     stop_tokens: Sequence[int] = (),
     prefill_chunk: int | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """The new tokens of each prompt (ending with its stop token, if one was emitted).
 
     Arguments are those of :func:`stream`; this collects its steps.
     """
     out: list[list[int]] = [[] for _ in prompts]
-    for step_tokens in stream(model, prompts, max_new_tokens, sampling, stop_tokens, prefill_chunk):
+    for step_tokens in stream(model, prompts, max_new_tokens, sampling, stop_tokens, prefill_chunk, compile):
         for row, tok in enumerate(step_tokens.tolist()):
             if tok >= 0:
                 out[row].append(tok)

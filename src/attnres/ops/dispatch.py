@@ -17,8 +17,8 @@ Kernels, orthogonal to the implementation: ``fused`` and ``two_phase`` run their
 ``two_phase`` its merge) as PyTorch ops (``torch``), as the Triton kernels of
 :mod:`attnres.ops.triton` (``triton``), or as the native C++ kernels of :mod:`attnres.ops.native`
 (``native``, CPU; the depth attend only). ``auto`` (default) picks Triton for CUDA tensors when
-Triton is installed, the native kernels for CPU tensors when they build, and PyTorch under
-``torch.compile`` and otherwise (:func:`kernels_for`). Force one with :func:`use_kernels` or, for a
+Triton is installed, the native kernels for CPU tensors when they build, and PyTorch otherwise
+(:func:`kernels_for`; the same under ``torch.compile``). Force one with :func:`use_kernels` or, for a
 whole process, the environment variable ``ATTNRES_KERNELS`` (``torch`` compares against the
 PyTorch ops; ``triton`` on CPU runs Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set
 before the kernels are first used).
@@ -137,22 +137,33 @@ def use_kernels(kernels: str) -> Iterator[None]:
         _forced_kernels = previous
 
 
+@torch.compiler.assume_constant_result
+def _triton_installed() -> bool:
+    """:func:`attnres.ops.triton.available`, a constant to ``torch.compile`` (it never traces into it)."""
+    return triton_ops.available()
+
+
+@torch.compiler.assume_constant_result
+def _native_built() -> bool:
+    """Whether the native kernels are built (building them now if not yet tried); a constant to compile."""
+    return cpu_kernels() is not None
+
+
 def kernels_for(x: Tensor) -> str:
     """``"triton"``, ``"native"`` or ``"torch"``: which kernels run a fast depth-read op on ``x``.
 
-    ``auto`` leaves the ops to PyTorch under ``torch.compile``, which traces and fuses them
-    (``fullgraph=True`` is tested there); the Triton and native kernels inside a compiled graph are
-    untested.
+    The same answer eager and under ``torch.compile``: both kernels are custom ops
+    (``attnres::native_attend``, ``attnres::triton_*``) that a compiled graph keeps as nodes
+    (``fullgraph=True`` holds; ``tests/model/test_compile.py``). A graph is specialised on the
+    choice: changing it (:func:`use_kernels`) recompiles.
     """
     kernels = _forced_kernels if _forced_kernels is not None else _env_kernels
     if kernels == "auto":
-        if torch.compiler.is_compiling():
-            return "torch"
-        if x.is_cuda and triton_ops.available():
+        if x.is_cuda and _triton_installed():
             return "triton"
-        return "native" if x.device.type == "cpu" and cpu_kernels() is not None else "torch"
+        return "native" if x.device.type == "cpu" and _native_built() else "torch"
     if kernels == "triton":
-        if not triton_ops.available():
+        if not _triton_installed():
             raise ImportError("depth-read kernels 'triton' need Triton: pip install 'attnres[gpu]'")
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(
@@ -162,6 +173,6 @@ def kernels_for(x: Tensor) -> str:
     if kernels == "native":
         if x.device.type != "cpu":
             raise ValueError(f"depth-read kernels 'native' are CPU kernels; got a {x.device.type} tensor")
-        if cpu_kernels() is None:
+        if not _native_built():
             raise RuntimeError("depth-read kernels 'native' could not be built; see the warning above")
     return kernels

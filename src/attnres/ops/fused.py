@@ -27,9 +27,10 @@ statistics ``α`` and ``v_j · q_s`` (``N·S`` scalars per token); nothing ``d``
 Statistics run in fp32 (fp64 for fp64 inputs), with autocast off
 (:func:`attnres.ops.precision.no_autocast`); outputs are fp32 and callers cast them back.
 
-On CPU, ``_DepthAttend`` runs native kernels (:mod:`attnres.ops.native`) that do all of this one
-token at a time, reading each source once per read; the PyTorch ops below are their twin, used on
-other devices, under ``torch.compile``, and wherever the kernels cannot be built.
+On CPU, :func:`depth_attend` runs native kernels (:mod:`attnres.ops.native`, through the custom op
+``attnres::native_attend``, eager and under ``torch.compile``) that do all of this one token at a
+time, reading each source once per read; the PyTorch ops below are their twin, used on other
+devices, wherever the kernels cannot be built, and when ``torch`` kernels are chosen.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from torch import Tensor
 
 from attnres.ops import triton as triton_ops
 from attnres.ops.dispatch import kernels_for
-from attnres.ops.native import cpu_kernels
+from attnres.ops.native import native_attend
 from attnres.ops.precision import no_autocast, stats_dtype
 
 
@@ -81,17 +82,11 @@ def source_rstd(v: Tensor, eps: float) -> Tensor:
 
 
 def _attend(
-    queries: Tensor, sources: Sequence[Tensor], rstd: Sequence[Tensor], native: bool
+    queries: Tensor, sources: Sequence[Tensor], rstd: Sequence[Tensor]
 ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
     """The forward math: ``S`` outputs ``[..., d]``, ``lse [..., S]``, and ``α``, ``v·q`` ``[N, M, S]``."""
     d = sources[0].shape[-1]
     cd = queries.dtype
-    if native:
-        kernels = cpu_kernels()
-        flat = [v.reshape(-1, d).contiguous() for v in sources]  # N × [M, d]; views when contiguous
-        outs, lse, alpha, dots = kernels.forward(flat, [r.reshape(-1) for r in rstd], queries.contiguous())
-        # outs [S, M, d]; lse [M, S]
-        return [o.view(sources[0].shape) for o in outs], lse.view(*sources[0].shape[:-1], -1), alpha, dots
     flat = [v.reshape(-1, d) for v in sources]  # N × [M, d]; views for contiguous sources
     # [N, M, S]: one pass over each source serves all S queries
     dots = torch.stack([(v if v.dtype == cd else v.to(cd)) @ queries.T for v in flat])
@@ -107,14 +102,25 @@ def _attend(
     return outs, lse.view(*sources[0].shape[:-1], -1), alpha, dots
 
 
+def _attend_native(
+    queries: Tensor, sources: Sequence[Tensor], rstd: Sequence[Tensor]
+) -> tuple[tuple[Tensor, ...], Tensor]:
+    """The native kernels' custom op (:func:`attnres.ops.native.native_attend`; differentiable)."""
+    shape, d = sources[0].shape, sources[0].shape[-1]
+    flat = [v.reshape(-1, d).contiguous() for v in sources]  # N × [M, d]; views when contiguous
+    outs, lse, _, _ = native_attend(flat, [r.reshape(-1) for r in rstd], queries.contiguous())
+    # outs [S, M, d]; lse [M, S]
+    return tuple(o.view(shape) for o in outs.unbind(0)), lse.view(*shape[:-1], -1)
+
+
 class _DepthAttend(torch.autograd.Function):
     """``S`` folded queries against ``N`` listed sources; see the module docstring for the math."""
 
     @staticmethod
-    def forward(ctx, queries: Tensor, native: bool, n_src: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx, queries: Tensor, n_src: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         sources, rstd = tensors[:n_src], tensors[n_src:]
-        outs, lse, alpha, dots = _attend(queries, sources, rstd, native)
-        ctx.n_src, ctx.native = n_src, native
+        outs, lse, alpha, dots = _attend(queries, sources, rstd)
+        ctx.n_src = n_src
         ctx.save_for_backward(queries, alpha, dots, *sources, *rstd)
         return (*outs, lse)
 
@@ -130,21 +136,6 @@ class _DepthAttend(torch.autograd.Function):
         flat = [v.reshape(-1, d) for v in sources]
         g_out = [None if g is None else g.reshape(-1, d).to(cd) for g in grads[:n_q]]
         g_lse = grads[n_q]
-        if ctx.native:  # the backward runs on the kernels its forward used
-            kernels = cpu_kernels()
-            none = queries.new_empty(0)  # the kernel reads a missing gradient as zero
-            result = kernels.backward(
-                [v.reshape(-1, d).contiguous() for v in sources],
-                [r.reshape(-1) for r in rstd],
-                queries.contiguous(),
-                alpha,
-                dots,
-                [none if g is None else g.contiguous() for g in g_out],
-                none if g_lse is None else g_lse.reshape(-1, n_q).to(cd).contiguous(),
-            )  # N × d source [M, d], d queries [S, d], N × d rstd [M]
-            d_sources = [dv.view(v.shape) for dv, v in zip(result[:n_src], sources, strict=True)]
-            d_rstd = [dr.view(r.shape) for dr, r in zip(result[n_src + 1 :], rstd, strict=True)]
-            return (result[n_src], None, None, *d_sources, *d_rstd)
         # dalpha[j, :, s] = g_s · v_j                                          [N, M, S]
         dalpha = torch.zeros_like(alpha)
         for s, g in enumerate(g_out):
@@ -163,7 +154,7 @@ class _DepthAttend(torch.autograd.Function):
             vc = v if v.dtype == cd else v.to(cd)
             if d_queries is not None:
                 d_queries.addmm_(coef[j].T, vc)  # [S, M] @ [M, d]
-            if ctx.needs_input_grad[3 + j]:  # inputs: queries, native, n_src, *sources, *rstd
+            if ctx.needs_input_grad[2 + j]:  # inputs: queries, n_src, *sources, *rstd
                 dv = coef[j] @ queries  # [M, S] @ [S, d]
                 for s, g in enumerate(g_out):
                     if g is not None:
@@ -172,7 +163,7 @@ class _DepthAttend(torch.autograd.Function):
             else:
                 d_sources.append(None)
             d_rstd.append((dz[j] * dots[j]).sum(-1).view(rstd[j].shape))
-        return (d_queries, None, None, *d_sources, *d_rstd)
+        return (d_queries, None, *d_sources, *d_rstd)
 
 
 @no_autocast
@@ -209,10 +200,12 @@ def depth_attend(
     kernels = kernels_for(sources[0])
     if kernels == "triton":
         return triton_ops.depth_attend(sources, rstd, queries)
+    if kernels == "native":
+        return _attend_native(queries, sources, rstd)
     if not torch.is_grad_enabled():  # nothing to save for a backward pass
-        outs, lse, _, _ = _attend(queries, sources, rstd, kernels == "native")
+        outs, lse, _, _ = _attend(queries, sources, rstd)
         return tuple(outs), lse
-    *outs, lse = _DepthAttend.apply(queries, kernels == "native", len(sources), *sources, *rstd)
+    *outs, lse = _DepthAttend.apply(queries, len(sources), *sources, *rstd)
     return tuple(outs), lse
 
 

@@ -34,6 +34,12 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnres.ops.precision import no_autocast
 
 try:
     import fcntl
@@ -75,8 +81,6 @@ _ARCH_FLAGS = {"AVX512": ["-march=x86-64-v4"], "AVX2": ["-march=x86-64-v3"]}
 
 def _target() -> tuple[str, dict[str, list[str]]]:
     """The extension's name and compile/link flags for this CPU."""
-    import torch
-
     level = torch.backends.cpu.get_cpu_capability()
     flags = {"extra_cflags": ["-O3", "-fopenmp", *_ARCH_FLAGS.get(level, [])], "extra_ldflags": ["-fopenmp"]}
     return f"attnres_depth_attend_{level.lower()}", flags
@@ -88,8 +92,6 @@ def _toolchain(flags: dict[str, list[str]]) -> dict[str, str]:
     A change in any of these makes ``ninja`` recompile (its log keeps each command line's hash; a
     ``ninja`` of another version discards the log), so each gets its own cache folder instead.
     """
-    import torch
-
     cxx = os.environ.get("CXX", "cl" if sys.platform == "win32" else "c++")  # as torch picks it
     scheme = "nt" if sys.platform == "win32" else "posix_prefix"  # as torch finds Python.h
 
@@ -213,3 +215,106 @@ def _holder(path: Path) -> str | None:
         if pid.isdigit():
             return pid
     return None
+
+
+# --- the kernels as custom ops --------------------------------------------------------------------
+# Every call of the kernels goes through these two ops, eager or compiled: ``torch.compile`` keeps a
+# custom op in its graph as one opaque node (``fullgraph=True`` holds), and traces its shapes with the
+# fake implementations below, which allocate only and never build the library.
+
+
+def _loaded() -> ModuleType:
+    """The built module; a custom op's real implementation runs only after :func:`cpu_kernels` succeeded."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        raise RuntimeError("attnres::native_attend called but the native kernels could not be built")
+    return kernels
+
+
+@torch.library.custom_op("attnres::native_attend", mutates_args=(), device_types="cpu")
+def native_attend(
+    sources: list[Tensor], rstd: list[Tensor], queries: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward kernel: ``S`` queries ``[S, d]`` against ``N`` contiguous sources ``[M, d]``.
+
+    ``rstd`` are the sources' ``[M]`` statistics and ``queries`` are in the statistics dtype.
+    Returns ``outs [S, M, d]``, ``lse [M, S]``, ``α`` and ``v · q`` ``[N, M, S]``, all in the
+    statistics dtype.
+    """
+    outs, lse, alpha, dots = _loaded().forward(sources, rstd, queries)
+    return outs, lse, alpha, dots
+
+
+@native_attend.register_fake
+def _(sources: list[Tensor], rstd: list[Tensor], queries: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    (m, d), n, s = sources[0].shape, len(sources), queries.shape[0]
+    return (
+        queries.new_empty((s, m, d)),
+        queries.new_empty((m, s)),
+        queries.new_empty((n, m, s)),
+        queries.new_empty((n, m, s)),
+    )
+
+
+@torch.library.custom_op("attnres::native_attend_backward", mutates_args=(), device_types="cpu")
+def native_attend_backward(
+    sources: list[Tensor],
+    rstd: list[Tensor],
+    queries: Tensor,
+    alpha: Tensor,
+    dots: Tensor,
+    grads: list[Tensor],
+    grad_lse: Tensor,
+) -> list[Tensor]:
+    """The backward kernel of :func:`native_attend`, given its inputs, ``α``, ``v · q`` and gradients.
+
+    ``grads`` are the ``S`` output gradients ``[M, d]`` and ``grad_lse`` is ``[M, S]``, contiguous in
+    the statistics dtype. Returns ``N`` source gradients ``[M, d]`` (source dtype), the query
+    gradient ``[S, d]`` and ``N`` rstd gradients ``[M]``.
+    """
+    return list(_loaded().backward(sources, rstd, queries, alpha, dots, grads, grad_lse))
+
+
+@native_attend_backward.register_fake
+def _(
+    sources: list[Tensor],
+    rstd: list[Tensor],
+    queries: Tensor,
+    alpha: Tensor,
+    dots: Tensor,
+    grads: list[Tensor],
+    grad_lse: Tensor,
+) -> list[Tensor]:
+    return [
+        *(torch.empty_like(v) for v in sources),
+        torch.empty_like(queries),
+        *(queries.new_empty(r.shape) for r in rstd),
+    ]
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    sources, rstd, queries = inputs
+    _, _, alpha, dots = output
+    ctx.n_src = len(sources)
+    ctx.save_for_backward(queries, alpha, dots, *sources, *rstd)
+
+
+@no_autocast
+def _backward(ctx: Any, g_outs: Tensor, g_lse: Tensor, *_: Tensor) -> tuple[Any, ...]:
+    # grads are materialised (zeros for unused outputs); α and v·q are not differentiated through
+    queries, alpha, dots, *rest = ctx.saved_tensors
+    n = ctx.n_src
+    cd = queries.dtype
+    result = native_attend_backward(
+        rest[:n],
+        rest[n:],
+        queries,
+        alpha,
+        dots,
+        list(g_outs.to(cd).contiguous().unbind(0)),
+        g_lse.to(cd).contiguous(),
+    )
+    return result[:n], result[n + 1 :], result[n]
+
+
+native_attend.register_autograd(_backward, setup_context=_setup_context)

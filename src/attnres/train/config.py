@@ -163,6 +163,11 @@ class LoopConfig:
             Depth-read statistics stay fp32 in every mode (:mod:`attnres.train.precision`). bf16
             needs a CUDA device with bf16 support (or the CPU); ``fp16-mixed`` does not combine with
             FSDP2 (``parallel.dp_shard``) or pipelines (``parallel.pp > 1``). A resumed run keeps it.
+        compile: ``torch.compile`` the model (inductor) for training and evaluation steps, with the
+            depth reads on the native/Triton kernels inside the graph (custom ops). The first steps
+            pay the compilation (tens of seconds on CPU); CPU needs a C++ compiler (checked before
+            the run starts). DDP and FSDP2 compile the wrapped model, as torch recommends; pipelines
+            (``parallel.pp > 1``) are refused. A resumed run may turn it on or off.
     """
 
     steps: int = 200
@@ -179,6 +184,7 @@ class LoopConfig:
     progress: bool = True
     logger: str = "none"
     precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_tokens"):
@@ -288,6 +294,11 @@ class TrainConfig:
                 "with parallel.pp > 1 (pipeline chunks run their own sublayer loop); use "
                 "train.activation_checkpointing=none, or DDP/FSDP2 (parallel.pp=1)"
             )
+        if self.train.compile and self.parallel.pipeline:
+            raise ValueError(
+                "train.compile=true does not combine with parallel.pp > 1 (pipeline chunks are not "
+                "compiled); train the pipeline eagerly, or use parallel.pp=1 (DDP/FSDP2 compile)"
+            )
         if self.parallel.pipeline and self.train.batch_size % self.parallel.n_microbatches:
             raise ValueError(
                 f"train.batch_size={self.train.batch_size} does not split into "
@@ -311,6 +322,7 @@ RESUME_MAY_CHANGE = frozenset(
         "train.logger",
         "train.grad_accum",
         "train.activation_checkpointing",
+        "train.compile",
         "model.vocab_size",
     }
 )

@@ -179,9 +179,14 @@ class ReplicatedEngine(Engine):
         self.precision = Precision(cfg.train.precision, env.device)
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.model = wrap_model(self.precision.prepare(model), cfg.parallel.dp_shard, env)
+        # what train and evaluation steps call: the wrapped model, compiled after wrapping (torch's
+        # order for DDP, whose graph then breaks at gradient buckets, and for FSDP2)
+        self.forward: nn.Module = torch.compile(self.model) if cfg.train.compile else self.model
         self.optimizer = build_optimizer(unwrap(self.model).named_parameters(), cfg.optim)
         kind = "FSDP2" if cfg.parallel.dp_shard else "DDP"
         self.description = f"{env.world_size} {kind} ranks" if env.distributed else ""
+        if cfg.train.compile:
+            self.description = ", ".join(filter(None, [self.description, "torch.compile"]))
 
     def train_step(self, x: Tensor, y: Tensor) -> StepStats:
         x, y = (shard_batch(t, self.env).to(self.env.device) for t in (x, y))
@@ -193,7 +198,7 @@ class ReplicatedEngine(Engine):
         for i, (xm, ym) in enumerate(micro):
             with gradient_sync(self.model, enabled=i == len(micro) - 1):
                 with self.precision.autocast():
-                    part = lm_loss(self.model(xm), ym, reduction="sum") / count
+                    part = lm_loss(self.forward(xm), ym, reduction="sum") / count
                 self.precision.backward(part)  # outside autocast, as torch.amp recommends
             parts.append(part.detach())
         loss = sum(parts[1:], parts[0])
@@ -215,7 +220,7 @@ class ReplicatedEngine(Engine):
         env = self.env
         autocast = self.precision.autocast
         if not env.distributed or self.dp_shard:  # FSDP2's forward is a collective: all run all
-            return evaluate(self.model, batches, env.device, autocast)
+            return evaluate(self.forward, batches, env.device, autocast)
         # DDP: each rank evaluates every world_size-th batch on the plain module, then the sums meet
         mine = batches[env.rank :: env.world_size]
         total, count = loss_sums(unwrap(self.model), mine, env.device, autocast)

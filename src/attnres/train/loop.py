@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from attnres.distributed.data_parallel import DistEnv, init_distributed
 from attnres.model import Transformer
+from attnres.model.compile import check_compile_supported
 from attnres.train.checkpoint import has_checkpoint, load_model, load_trainer_state, save_checkpoint
 from attnres.train.config import TrainConfig
 from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
@@ -149,6 +150,8 @@ def train(
     device = _device(loop.device)
     require_logger(loop.logger)  # a missing package is refused before the run directory is touched
     check_precision_supported(loop.precision, device)  # before any data is loaded
+    if loop.compile:
+        check_compile_supported(device)
     env = init_distributed(device.type)  # under torchrun: join the group; rank 0 alone writes
     check_world_size(cfg.parallel, env, cfg.train.batch_size, cfg.train.grad_accum)
     device = env.device if env.distributed else device
