@@ -55,6 +55,10 @@ KERNEL_STUBS = {
 def cpu_kernels():
     """None: the remote-code copy of AttnRes has no native kernels."""
     return None
+
+
+def native_attend(*args, **kwargs):
+    raise RuntimeError("the remote-code copy of AttnRes has no native kernels (cpu_kernels() is None)")
 ''',
     "attnres.ops.triton": '''"""attnres.ops.triton in remote code: no Triton kernels (PyTorch ops)."""
 
