@@ -277,14 +277,9 @@ def native_attend_backward(
 
 @native_attend_backward.register_fake
 def _(
-    sources: list[Tensor],
-    rstd: list[Tensor],
-    queries: Tensor,
-    alpha: Tensor,
-    dots: Tensor,
-    grads: list[Tensor],
-    grad_lse: Tensor,
+    sources: list[Tensor], rstd: list[Tensor], queries: Tensor, *_statistics_and_grads: Tensor
 ) -> list[Tensor]:
+    # the gradients' shapes follow the inputs alone (alpha, dots and the gradients are not read)
     return [
         *(torch.empty_like(v) for v in sources),
         torch.empty_like(queries),

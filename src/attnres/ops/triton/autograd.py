@@ -147,14 +147,9 @@ def triton_attend_backward(
 
 @triton_attend_backward.register_fake
 def _(
-    sources: list[Tensor],
-    rstd: list[Tensor],
-    queries: Tensor,
-    dots: Tensor,
-    lse: Tensor,
-    grads: list[Tensor],
-    grad_lse: Tensor,
+    sources: list[Tensor], rstd: list[Tensor], queries: Tensor, *_statistics_and_grads: Tensor
 ) -> list[Tensor]:
+    # the gradients' shapes follow the inputs alone (dots, lse and the gradients are not read)
     return [
         *(torch.empty_like(v) for v in sources),
         *(queries.new_empty(r.shape) for r in rstd),
