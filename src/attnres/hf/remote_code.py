@@ -47,33 +47,42 @@ AUTO_MAP = {
 #: modules whose code the bundle starts from; their ``attnres`` imports pull in the rest
 ROOTS = ("attnres.hf.config", "attnres.hf.modeling", __name__)
 
+
 #: stand-ins for the kernel modules, which need a C++ build or Triton: no kernels, PyTorch ops only
+def _kernel_stub(doc: str, available: str, why: str) -> str:
+    """A stand-in kernel module: ``available()`` says no, and every kernel name it is asked for
+    (module ``__getattr__``, so it need not list the ops the package imports) raises ``why``."""
+    return f'''"""{doc}"""
+
+
+def {available}():
+    """The remote-code copy of AttnRes has no such kernels."""
+    return {"None" if available == "cpu_kernels" else "False"}
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError({why!r})
+
+    return unavailable
+'''
+
+
+#: stand-ins for the kernel modules, which a bundle does not carry
 KERNEL_STUBS = {
-    "attnres.ops.native": '''"""attnres.ops.native in remote code: no native CPU kernels (PyTorch ops)."""
-
-
-def cpu_kernels():
-    """None: the remote-code copy of AttnRes has no native kernels."""
-    return None
-
-
-def native_attend(*args, **kwargs):
-    raise RuntimeError("the remote-code copy of AttnRes has no native kernels (cpu_kernels() is None)")
-''',
-    "attnres.ops.triton": '''"""attnres.ops.triton in remote code: no Triton kernels (PyTorch ops)."""
-
-
-def available() -> bool:
-    """False: the remote-code copy of AttnRes has no Triton kernels."""
-    return False
-
-
-def depth_attend(*args, **kwargs):
-    raise RuntimeError("the remote-code copy of AttnRes has no Triton kernels; install attnres[gpu]")
-
-
-merge = depth_attend
-''',
+    "attnres.ops.native": _kernel_stub(
+        "attnres.ops.native in remote code: no native CPU kernels (PyTorch ops).",
+        "cpu_kernels",
+        "the remote-code copy of AttnRes has no native kernels (cpu_kernels() is None)",
+    ),
+    "attnres.ops.triton": _kernel_stub(
+        "attnres.ops.triton in remote code: no Triton kernels (PyTorch ops).",
+        "available",
+        "the remote-code copy of AttnRes has no Triton kernels; install attnres[gpu]",
+    ),
 }
 
 #: whether this module is the package's own (``False`` inside a bundle loaded with remote code)

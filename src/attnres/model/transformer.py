@@ -91,9 +91,12 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        B, T, _ = h.shape
-        x = self.norm(h)
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, normed: bool = False
+    ) -> Tensor:
+        """``normed``: ``h`` is already ``norm(h)`` (a depth read fused with this pre-norm)."""
+        x = h if normed else self.norm(h)
+        B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -121,8 +124,11 @@ class MLP(nn.Module):
         self.w_up = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
         self.w_down = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = self.norm(h)
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, normed: bool = False
+    ) -> Tensor:
+        """``normed``: ``h`` is already ``norm(h)`` (a depth read fused with this pre-norm)."""
+        x = h if normed else self.norm(h)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -249,7 +255,7 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
         layer_inputs: list[Tensor] | None = None,
     ) -> Tensor:
-        """The final read's output ``[B, T, d]``, before the final norm.
+        """The final read's output ``[B, T, d]``, before the final norm (:meth:`normed_hidden`: after it).
 
         Args:
             tokens: ``[B, T]`` token ids.
@@ -266,6 +272,33 @@ class Transformer(nn.Module):
                 running sum, so layer 0's input is the embedding). Activation checkpointing is off
                 for a forward that collects them.
         """
+        return self.residual.final(self._final_state(tokens, cache, positions, attention_mask, layer_inputs))
+
+    def normed_hidden(
+        self,
+        tokens: Tensor,
+        cache: KVCache | None = None,
+        positions: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``norm(hidden(...))``, what the LM head reads; the arguments are those of :meth:`hidden`.
+
+        Without gradients an AttnRes final read runs fused with the norm
+        (:meth:`~attnres.residuals.base.ResidualScheme.normed_final`).
+        """
+        return self.residual.normed_final(
+            self._final_state(tokens, cache, positions, attention_mask), self.norm
+        )
+
+    def _final_state(
+        self,
+        tokens: Tensor,
+        cache: KVCache | None,
+        positions: Tensor | None,
+        attention_mask: Tensor | None,
+        layer_inputs: list[Tensor] | None = None,
+    ) -> Any:
+        """The residual state after the last sublayer; the arguments are those of :meth:`hidden`."""
         self.check_tokens(tokens)
         T = tokens.shape[1]
         if cache is not None:
@@ -287,12 +320,10 @@ class Transformer(nn.Module):
             size = self.residual.checkpoint_group()
             for start in range(0, L, size):
                 state = self._recomputed_group(state, range(start, min(start + size, L)), cos, sin)
-            state = self.residual.resume(state, L)
-        else:
-            state = self._run_sublayers(
-                state, range(L), cos, sin, cache, recompute=mode == "sublayer", layer_inputs=layer_inputs
-            )
-        return self.residual.final(state)
+            return self.residual.resume(state, L)
+        return self._run_sublayers(
+            state, range(L), cos, sin, cache, recompute=mode == "sublayer", layer_inputs=layer_inputs
+        )
 
     def _run_sublayers(
         self,
@@ -307,13 +338,18 @@ class Transformer(nn.Module):
         """The residual state after sublayers ``layers``; ``recompute``: checkpoint each ``f_l(h)``;
         ``layer_inputs``: as in :meth:`hidden`."""
         for layer in layers:
-            sublayer, h = self.sublayers[layer], self.residual.layer_input(state, layer)
-            if layer_inputs is not None and layer % 2 == 0:
-                layer_inputs.append(h)
-            if recompute:
-                out = checkpoint(sublayer, h, cos, sin, use_reentrant=False)
-            else:
-                out = sublayer(h, cos, sin, cache=cache)
+            sublayer = self.sublayers[layer]
+            if recompute or layer_inputs is not None:  # these need the input before its norm
+                h = self.residual.layer_input(state, layer)
+                if layer_inputs is not None and layer % 2 == 0:
+                    layer_inputs.append(h)
+                if recompute:
+                    out = checkpoint(sublayer, h, cos, sin, use_reentrant=False)
+                else:
+                    out = sublayer(h, cos, sin, cache=cache)
+            else:  # the read may apply the sublayer's pre-norm in its own pass
+                x = self.residual.normed_input(state, layer, sublayer.norm)
+                out = sublayer(x, cos, sin, cache=cache, normed=True)
             state = self.residual.update(state, layer, out)
         return state
 
@@ -347,7 +383,7 @@ class Transformer(nn.Module):
         attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Logits ``[B, T, vocab]`` for token ids ``[B, T]``; the arguments are those of :meth:`hidden`."""
-        return self.lm_head(self.norm(self.hidden(tokens, cache, positions, attention_mask)))
+        return self.lm_head(self.normed_hidden(tokens, cache, positions, attention_mask))
 
 
 def lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:

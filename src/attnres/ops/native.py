@@ -1,7 +1,14 @@
-"""Native CPU kernels of the fused depth read, compiled from ``csrc/depth_attend.cpp`` on first use.
+"""Native CPU kernels of the depth reads, compiled from ``csrc/depth_attend.cpp`` on first use.
 
-:class:`attnres.ops.fused._DepthAttend` runs them for CPU tensors: they read each source once per
-read instead of the ~15 passes of the PyTorch-ops path (see the C++ file's header). Building needs a
+Two families, each a custom op (below):
+
+* training (``attnres::native_attend`` and its backward): :func:`attnres.ops.fused.depth_attend`
+  runs them for CPU tensors; they read each source once per read instead of the ~15 passes of the
+  PyTorch-ops path (see the C++ file's header);
+* inference, without gradients (``attnres::native_stack_phase1``, ``attnres::native_stack_merge``):
+  :mod:`attnres.ops.stacked` runs them for prefill and decoding, phase 1 in one pass over a stack of
+  the completed blocks and the phase-2 merge in one pass per token, fused with the RMSNorm that
+  consumes the read. Building needs a
 C++ compiler and ``ninja`` (a dependency of this package); it takes about half a minute, once per
 environment and kernel version, and says so on stderr. Without a compiler the read falls back to
 PyTorch ops, with one warning saying why; ``ATTNRES_KERNELS=torch`` (or
@@ -313,3 +320,46 @@ def _backward(ctx: Any, g_outs: Tensor, g_lse: Tensor, *_: Tensor) -> tuple[Any,
 
 
 native_attend.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- no-grad reads over a stack of blocks (attnres.ops.stacked) ------------------------------------
+# No autograd registration: attnres.ops.stacked calls them only with gradients disabled.
+
+
+@torch.library.custom_op("attnres::native_stack_phase1", mutates_args=(), device_types="cpu")
+def native_stack_phase1(
+    values: Tensor, rstd: Tensor, n: int, queries: Tensor, need_lse: bool
+) -> tuple[Tensor, Tensor]:
+    """Phase 1 of ``S`` queries ``[S, d]`` against the first ``n`` blocks of a stack.
+
+    ``values [C, M, d]``, ``rstd [C, M, 1]`` and ``queries`` are contiguous, in the statistics dtype.
+    Returns ``outs [M, S, d]`` and ``lse [M, S]`` (an empty tensor unless ``need_lse``).
+    """
+    outs, lse = _loaded().stack_phase1(values, rstd, n, queries, need_lse)
+    return outs, lse
+
+
+@native_stack_phase1.register_fake
+def _(values: Tensor, rstd: Tensor, n: int, queries: Tensor, need_lse: bool) -> tuple[Tensor, Tensor]:
+    (_, m, d), s = values.shape, queries.shape[0]
+    return values.new_empty((m, s, d)), values.new_empty((m, s) if need_lse else (0,))
+
+
+@torch.library.custom_op("attnres::native_stack_merge", mutates_args=(), device_types="cpu")
+def native_stack_merge(
+    o: Tensor, lse: Tensor, p: Tensor, p_rstd: Tensor, q: Tensor, weight: Tensor | None, eps: float
+) -> Tensor:
+    """Phase 2, ``h = o + σ(r_p (p · q) − lse)(p − o)``, then ``rmsnorm(h) · weight`` if ``weight``.
+
+    ``o [M, d]`` (statistics dtype) and ``p [M, d]`` need unit stride along ``d`` only; ``lse`` and
+    ``p_rstd`` are ``[M]`` in the statistics dtype, ``q [d]`` contiguous; ``weight [d]`` is in
+    ``p``'s dtype and ``eps`` is the norm's. Returns ``[M, d]`` in ``p``'s dtype.
+    """
+    return _loaded().stack_merge(o, lse, p, p_rstd, q, weight, eps)
+
+
+@native_stack_merge.register_fake
+def _(
+    o: Tensor, lse: Tensor, p: Tensor, p_rstd: Tensor, q: Tensor, weight: Tensor | None, eps: float
+) -> Tensor:
+    return p.new_empty(p.shape)

@@ -14,13 +14,26 @@ The math is the two-phase computation of :mod:`attnres.ops.two_phase` (SPEC §4)
 
 Only for inference: these functions write into their buffers in place and are not differentiable.
 The residual scheme uses them when gradients are disabled; training uses :mod:`attnres.ops.fused`.
+
+Kernels (:func:`attnres.ops.dispatch.kernels_for`, as for the training reads): on CPU the native
+kernels (:mod:`attnres.ops.native`) do phase 1 in one pass over the stack per read group and the
+merge in one pass per token; on CUDA the Triton kernels; otherwise, or with ``ATTNRES_KERNELS=torch``,
+the PyTorch ops below, their reference twin.
+
+**The read fused with its norm.** In the model every read's output is used only through the RMSNorm
+that follows it (the sublayer's pre-norm, or the final norm), so :func:`stacked_merge` optionally
+applies that norm in the same pass (``norm_weight``, ``norm_eps``): ``rmsnorm(h) · w`` is computed
+from the fp32 ``h`` and rounded once, to the stream dtype.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from attnres.ops.dispatch import kernels_for
+from attnres.ops.native import native_stack_merge, native_stack_phase1
 from attnres.ops.precision import no_autocast, stats_dtype
 
 
@@ -66,6 +79,11 @@ def stacked_phase1(stack: SourceStack, queries: Tensor, need_lse: bool) -> tuple
         ``outs [M, S, d]`` (statistics dtype) and ``lse [M, S]`` or ``None``, tokens flattened.
     """
     n, tokens, d = stack.size, stack.values.shape[1], stack.values.shape[2]
+    if n < 1:
+        raise ValueError("phase 1 needs at least one completed block on the stack")
+    if kernels_for(stack.values) == "native":
+        outs, lse = native_stack_phase1(stack.values, stack.rstd, n, queries.contiguous(), need_lse)
+        return outs, lse if need_lse else None
     values = stack.values[:n]  # [n, M, d], contiguous
     logits = torch.mm(values.view(n * tokens, d), queries.T).view(n, tokens, -1)  # [n, M, S]
     logits.mul_(stack.rstd[:n])
@@ -83,16 +101,41 @@ def stacked_phase1(stack: SourceStack, queries: Tensor, need_lse: bool) -> tuple
 
 
 @no_autocast
-def stacked_merge(o: Tensor, lse: Tensor, partial: Tensor, partial_rstd: Tensor, query: Tensor) -> Tensor:
+def stacked_merge(
+    o: Tensor,
+    lse: Tensor,
+    partial: Tensor,
+    partial_rstd: Tensor,
+    query: Tensor,
+    norm_weight: Tensor | None = None,
+    norm_eps: float | None = None,
+) -> Tensor:
     """Phase 2: ``h = o + σ(r_p (p · q) − lse)(p − o)``, returned as ``[..., d]`` in the partial's dtype.
 
     Args:
-        o: the read's phase-1 output ``[M, d]`` (statistics dtype, tokens flattened).
+        o: the read's phase-1 output ``[M, d]`` (statistics dtype, tokens flattened; any row stride).
         lse: its log-sum-exp ``[M]``.
         partial: the live partial sum ``p`` ``[..., d]``.
         partial_rstd: ``rstd_stat(p)`` ``[...]``.
         query: the folded query ``[d]`` (statistics dtype).
+        norm_weight: the gain ``[d]`` of the RMSNorm that consumes the read: the result is then
+            ``rmsnorm(h, norm_eps) · norm_weight``, fused into the same pass on the native kernels.
+            ``None``: ``h`` itself.
+        norm_eps: that norm's epsilon (``None``: the machine epsilon of the partial's dtype, as
+            ``torch.nn.RMSNorm`` takes it).
     """
-    p = partial.reshape(o.shape).to(o.dtype)  # [M, d]
+    if norm_weight is not None:
+        norm_weight = norm_weight.to(partial.dtype)
+        norm_eps = torch.finfo(partial.dtype).eps if norm_eps is None else norm_eps
+    p_rows = partial.reshape(o.shape)  # [M, d]; a view unless the partial is a strided view
+    if kernels_for(partial) == "native":
+        out = native_stack_merge(
+            o, lse, p_rows, partial_rstd.reshape(lse.shape), query, norm_weight, norm_eps or 0.0
+        )
+        return out.view(partial.shape)
+    p = p_rows.to(o.dtype)
     weight = torch.mv(p, query).mul_(partial_rstd.view(lse.shape)).sub_(lse).sigmoid_()  # [M]
-    return torch.lerp(o, p, weight.unsqueeze(-1)).view(partial.shape).to(partial.dtype)
+    h = torch.lerp(o, p, weight.unsqueeze(-1)).view(partial.shape).to(partial.dtype)
+    if norm_weight is None:
+        return h
+    return F.rms_norm(h, (h.shape[-1],), norm_weight, norm_eps)

@@ -251,6 +251,15 @@ class BlockAttnRes(ResidualScheme):
     def final(self, state: DepthState | StackedDepthState) -> Tensor:
         return self._read(state, self.n_sublayers)
 
+    def normed_input(self, state: DepthState | StackedDepthState, layer: int, norm: nn.Module) -> Tensor:
+        """Without gradients, the phase-2 merge and the RMSNorm after it run as one pass."""
+        if isinstance(state, StackedDepthState) and isinstance(norm, nn.RMSNorm):
+            return self._read_stacked(state, layer, norm)
+        return norm(self.layer_input(state, layer))
+
+    def normed_final(self, state: DepthState | StackedDepthState, norm: nn.Module) -> Tensor:
+        return self.normed_input(state, self.n_sublayers, norm)  # the final read is site L
+
     def checkpoint_group(self) -> int:
         """One block of ``S`` sublayers (Full: one sublayer), as in the paper's training schedule."""
         return self.block_size
@@ -329,12 +338,19 @@ class BlockAttnRes(ResidualScheme):
         group = stacked_phase1(state.stack, state.queries[start:end], need_lse=end - start > 1)
         return replace(state, group_start=start, group=group)
 
-    def _read_stacked(self, state: StackedDepthState, site: int) -> Tensor:
+    def _read_stacked(self, state: StackedDepthState, site: int, norm: nn.RMSNorm | None = None) -> Tensor:
+        """The read at ``site``, or ``norm`` of it (fused with the merge) when ``norm`` is given."""
         outs, lse = state.group  # [M, S', d], [M, S']
         i = self._group_index(state, site, outs.shape[1])
         if i == 0:  # the group's first read sees exactly the completed blocks
-            return outs[:, 0].view(state.partial.shape).to(state.partial.dtype)
-        return stacked_merge(outs[:, i], lse[:, i], state.partial, state.partial_rstd, state.queries[site])
+            h = outs[:, 0].view(state.partial.shape).to(state.partial.dtype)
+            return h if norm is None else norm(h)
+        weight, eps = (None, None) if norm is None else (norm.weight, norm.eps)
+        if norm is not None and weight is None:  # a norm without a gain: 1
+            weight = torch.ones(self.d_model, dtype=state.partial.dtype, device=state.partial.device)
+        return stacked_merge(
+            outs[:, i], lse[:, i], state.partial, state.partial_rstd, state.queries[site], weight, eps
+        )
 
     def _open_group(self, state: DepthState, start: int) -> DepthState:
         """Phase 1 for sites ``start …`` of one group, against ``sources`` (all complete blocks here)."""

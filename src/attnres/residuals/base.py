@@ -192,6 +192,18 @@ class ResidualScheme(nn.Module, ABC):
     def final(self, state: Any) -> Tensor:
         """The ``[B, T, d]`` tensor fed to the final norm and LM head."""
 
+    def normed_input(self, state: Any, layer: int, norm: nn.Module) -> Tensor:
+        """``norm(layer_input(state, layer))``: the input of sublayer ``layer`` after its pre-norm.
+
+        The model calls this where nothing else needs the un-normalised input. A scheme whose read
+        can apply the norm in the same pass overrides it (AttnRes without gradients).
+        """
+        return norm(self.layer_input(state, layer))
+
+    def normed_final(self, state: Any, norm: nn.Module) -> Tensor:
+        """``norm(final(state))``: the final read after the final norm (see :meth:`normed_input`)."""
+        return norm(self.final(state))
+
     def checkpoint_group(self) -> int:
         """Sublayers per segment of ``block`` activation checkpointing.
 

@@ -62,6 +62,43 @@ void check_sources(const std::vector<at::Tensor>& sources, const std::vector<at:
               "depth_attend: queries must be contiguous CPU [S, d]");
 }
 
+// One token of the attend: its N source rows v[j] (d values each, statistics r[j]) against S
+// queries. Writes the S outputs o_s = sum_j a_sj v_j at out + i * out_stride, the log-sum-exp at
+// lse[i * lse_stride] (if lse), and, for a backward, v_j . q_s and a_sj at [j * stat_stride + i]
+// (if dots / alpha). z is n * s scratch. Shared by the training forward and the no-grad stack read,
+// so the two compute every token the same way.
+template <typename acc_t, typename scalar_t>
+inline void attend_token(int64_t n, int64_t s, int64_t d, const scalar_t* const* v, const acc_t* r,
+                         const acc_t* q, acc_t* z, acc_t* out, int64_t out_stride, acc_t* lse,
+                         int64_t lse_stride, acc_t* dots, acc_t* alpha, int64_t stat_stride) {
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < s; ++i) {
+      const acc_t dt = dot<acc_t>(v[j], q + i * d, d);
+      if (dots) dots[j * stat_stride + i] = dt;
+      z[j * s + i] = dt * r[j];
+    }
+  }
+  for (int64_t i = 0; i < s; ++i) {
+    acc_t top = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t j = 0; j < n; ++j) top = std::max(top, z[j * s + i]);
+    acc_t total = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      z[j * s + i] = std::exp(z[j * s + i] - top);
+      total += z[j * s + i];
+    }
+    if (lse) lse[i * lse_stride] = top + std::log(total);
+    acc_t* o = out + i * out_stride;
+    std::fill(o, o + d, acc_t(0));
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t a = z[j * s + i] / total;
+      if (alpha) alpha[j * stat_stride + i] = a;
+      const scalar_t* vj = v[j];
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) o[k] += a * static_cast<acc_t>(vj[k]);
+    }
+  }
+}
+
 // Pragmas cannot sit inside the AT_DISPATCH macro's argument, so each kernel is a template that the
 // dispatch only instantiates.
 template <typename scalar_t>
@@ -84,35 +121,16 @@ void forward_kernel(const std::vector<at::Tensor>& sources, const std::vector<at
   acc_t* alpha_p = alpha.data_ptr<acc_t>();
   acc_t* dots_p = dots.data_ptr<acc_t>();
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> z(n * s);
+    std::vector<acc_t> z(n * s), r(n);
+    std::vector<const scalar_t*> v(n);
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t j = 0; j < n; ++j) {
-        const scalar_t* v = src[j] + t * d;
-        for (int64_t i = 0; i < s; ++i) {
-          const acc_t dt = dot<acc_t>(v, q + i * d, d);
-          dots_p[(j * m + t) * s + i] = dt;
-          z[j * s + i] = dt * rs[j][t];
-        }
+        v[j] = src[j] + t * d;
+        r[j] = rs[j][t];
       }
-      for (int64_t i = 0; i < s; ++i) {
-        acc_t top = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t j = 0; j < n; ++j) top = std::max(top, z[j * s + i]);
-        acc_t total = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          z[j * s + i] = std::exp(z[j * s + i] - top);
-          total += z[j * s + i];
-        }
-        lse_p[t * s + i] = top + std::log(total);
-        acc_t* o = out + (i * m + t) * d;
-        std::fill(o, o + d, acc_t(0));
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t a = z[j * s + i] / total;
-          alpha_p[(j * m + t) * s + i] = a;
-          const scalar_t* v = src[j] + t * d;
-#pragma omp simd
-          for (int64_t k = 0; k < d; ++k) o[k] += a * static_cast<acc_t>(v[k]);
-        }
-      }
+      // outs [S, M, d]; lse [M, S]; alpha, dots [N, M, S]
+      attend_token<acc_t>(n, s, d, v.data(), r.data(), q, z.data(), out + t * d, m * d, lse_p + t * s, 1,
+                          dots_p + t * s, alpha_p + t * s, m * s);
     }
   });
 }
@@ -257,11 +275,135 @@ std::vector<at::Tensor> backward(const std::vector<at::Tensor>& sources, const s
   return result;
 }
 
+// --- no-grad reads (prefill and decoding; attnres.ops.stacked) ------------------------------------
+// Nothing is saved for a backward, so these take the completed blocks as one preallocated stack and
+// return outputs only.
+
+// Phase 1 against the first n blocks of a stack: values [C, M, d] and rstd [C, M, 1], queries
+// [S, d], all in the statistics dtype and contiguous. Returns outs [M, S, d] and lse [M, S] (an
+// empty tensor unless need_lse).
+template <typename acc_t>
+void stack_phase1_kernel(const at::Tensor& values, const at::Tensor& rstd, int64_t n, const at::Tensor& queries,
+                         at::Tensor& outs, at::Tensor& lse, bool need_lse) {
+  const int64_t m = values.size(1), d = values.size(2), s = queries.size(0);
+  const acc_t* vals = values.data_ptr<acc_t>();
+  const acc_t* rs = rstd.data_ptr<acc_t>();
+  const acc_t* q = queries.data_ptr<acc_t>();
+  acc_t* out = outs.data_ptr<acc_t>();
+  acc_t* lse_p = need_lse ? lse.data_ptr<acc_t>() : nullptr;
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> z(n * s), r(n);
+    std::vector<const acc_t*> v(n);
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t j = 0; j < n; ++j) {
+        v[j] = vals + (j * m + t) * d;
+        r[j] = rs[j * m + t];
+      }
+      attend_token<acc_t>(n, s, d, v.data(), r.data(), q, z.data(), out + t * s * d, d,
+                          lse_p ? lse_p + t * s : nullptr, 1, nullptr, nullptr, 0);
+    }
+  });
+}
+
+std::vector<at::Tensor> stack_phase1(const at::Tensor& values, const at::Tensor& rstd, int64_t n,
+                                     const at::Tensor& queries, bool need_lse) {
+  TORCH_CHECK(values.device().is_cpu() && values.dim() == 3 && values.is_contiguous(),
+              "stack_phase1: values must be a contiguous CPU [C, M, d] stack");
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
+              "stack_phase1: the stack must be in a statistics dtype (float32 or float64)");
+  const int64_t c = values.size(0), m = values.size(1), d = values.size(2);
+  TORCH_CHECK(1 <= n && n <= c, "stack_phase1: n must be in [1, ", c, "], got ", n);
+  TORCH_CHECK(rstd.device().is_cpu() && rstd.is_contiguous() && rstd.numel() == c * m &&
+                  rstd.scalar_type() == values.scalar_type(),
+              "stack_phase1: rstd must be a contiguous [C, M, 1] stack in the stack's dtype");
+  TORCH_CHECK(queries.device().is_cpu() && queries.is_contiguous() && queries.dim() == 2 &&
+                  queries.size(1) == d && queries.size(0) >= 1 && queries.scalar_type() == values.scalar_type(),
+              "stack_phase1: queries must be contiguous [S, d] in the stack's dtype");
+  const int64_t s = queries.size(0);
+  auto outs = new_output({m, s, d}, values.options());
+  auto lse = need_lse ? new_output({m, s}, values.options()) : at::empty({0}, values.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "stack_phase1",
+                             [&] { stack_phase1_kernel<scalar_t>(values, rstd, n, queries, outs, lse, need_lse); });
+  return {outs, lse};
+}
+
+// Phase 2 for one read, h = o + sigma(r_p (p . q) - lse) (p - o), and then, if weight is given, the
+// RMSNorm that consumes the read: h * rsqrt(mean(h^2) + eps) * weight. One pass per token, in the
+// statistics dtype; the result is [M, d] in p's dtype. o [M, d] (statistics dtype) and p [M, d] may
+// have any row stride with unit stride along d; lse and r_p [M] any stride; q [d] contiguous.
+template <typename scalar_t>
+void stack_merge_kernel(const at::Tensor& o, const at::Tensor& lse, const at::Tensor& p, const at::Tensor& p_rstd,
+                        const at::Tensor& q, const at::Tensor& weight, double eps, at::Tensor& result) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t m = p.size(0), d = p.size(1);
+  const int64_t o_row = o.stride(0), p_row = p.stride(0), lse_step = lse.stride(0), r_step = p_rstd.stride(0);
+  const acc_t* o_p = o.data_ptr<acc_t>();
+  const acc_t* lse_p = lse.data_ptr<acc_t>();
+  const scalar_t* p_p = p.data_ptr<scalar_t>();
+  const acc_t* r_p = p_rstd.data_ptr<acc_t>();
+  const acc_t* q_p = q.data_ptr<acc_t>();
+  const scalar_t* w_p = weight.defined() ? weight.data_ptr<scalar_t>() : nullptr;
+  scalar_t* res = result.data_ptr<scalar_t>();
+  const acc_t eps_ = static_cast<acc_t>(eps);
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> h(d);
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* pt = p_p + t * p_row;
+      const acc_t* ot = o_p + t * o_row;
+      const acc_t x = dot<acc_t>(pt, q_p, d) * r_p[t * r_step] - lse_p[t * lse_step];
+      const acc_t w = acc_t(1) / (acc_t(1) + std::exp(-x));
+      acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t k = 0; k < d; ++k) {
+        h[k] = ot[k] + w * (static_cast<acc_t>(pt[k]) - ot[k]);
+        sq += h[k] * h[k];
+      }
+      scalar_t* out = res + t * d;
+      if (!w_p) {
+        for (int64_t k = 0; k < d; ++k) out[k] = static_cast<scalar_t>(h[k]);
+        continue;
+      }
+      const acc_t scale = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(d) + eps_);
+#pragma omp simd
+      for (int64_t k = 0; k < d; ++k) out[k] = static_cast<scalar_t>(h[k] * scale * static_cast<acc_t>(w_p[k]));
+    }
+  });
+}
+
+at::Tensor stack_merge(const at::Tensor& o, const at::Tensor& lse, const at::Tensor& p, const at::Tensor& p_rstd,
+                       const at::Tensor& q, const std::optional<at::Tensor>& weight, double eps) {
+  TORCH_CHECK(p.device().is_cpu() && p.dim() == 2 && p.stride(1) == 1,
+              "stack_merge: the partial sum must be a CPU [M, d] tensor with unit stride along d");
+  const int64_t m = p.size(0), d = p.size(1);
+  const auto cd = c10::toRealValueType(at::toOpMathType(p.scalar_type()));
+  auto stat_ok = [&](const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == cd; };
+  TORCH_CHECK(stat_ok(o) && o.dim() == 2 && o.size(0) == m && o.size(1) == d && o.stride(1) == 1,
+              "stack_merge: o must be [M, d] in the statistics dtype with unit stride along d");
+  TORCH_CHECK(stat_ok(lse) && lse.dim() == 1 && lse.size(0) == m, "stack_merge: lse must be [M] (statistics dtype)");
+  TORCH_CHECK(stat_ok(p_rstd) && p_rstd.dim() == 1 && p_rstd.size(0) == m,
+              "stack_merge: r_p must be [M] (statistics dtype)");
+  TORCH_CHECK(stat_ok(q) && q.dim() == 1 && q.size(0) == d && q.is_contiguous(),
+              "stack_merge: q must be a contiguous [d] vector in the statistics dtype");
+  at::Tensor w;
+  if (weight.has_value() && weight->defined()) {
+    w = *weight;
+    TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.size(0) == d && w.is_contiguous() &&
+                    w.scalar_type() == p.scalar_type(),
+                "stack_merge: the norm weight must be a contiguous [d] vector in the partial sum's dtype");
+  }
+  auto result = new_output({m, d}, p.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "stack_merge",
+                                  [&] { stack_merge_kernel<scalar_t>(o, lse, p, p_rstd, q, w, eps, result); });
+  return result;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused depth read forward (CPU)");
   m.def("backward", &backward, "fused depth read backward (CPU)");
+  m.def("stack_phase1", &stack_phase1, "no-grad phase 1 over a stack of blocks (CPU)");
+  m.def("stack_merge", &stack_merge, "no-grad phase-2 merge, optionally fused with the RMSNorm after it (CPU)");
   m.def(
       "set_poison_outputs", [](bool on) { poison_outputs = on; }, "tests: fill every output with NaN first");
 }
