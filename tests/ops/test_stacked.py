@@ -1,9 +1,18 @@
-"""The inference two-phase path (stacked sources, no autograd) against the reference read."""
+"""The inference two-phase path (stacked sources, no autograd) against the reference read.
+
+The tests taking the ``backend`` fixture run twice: on the native kernels (outputs NaN-poisoned, so
+an element a kernel forgets to write shows up) and on the PyTorch ops.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnres.model import ModelConfig, Transformer
 from attnres.ops import stacked
@@ -28,11 +37,12 @@ def poisoned_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stacked.SourceStack, "__init__", poisoned)
 
 
+READS = [(1, 1, 7, 32), (1, 3, 1, 100), (3, 8, 7, 100), (8, 3, 1, 1168), (32, 2, 7, 32), (32, 1, 1, 1168)]
+
+
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(
-    ("n_blocks", "s", "t", "d"),
-    [(1, 1, 7, 32), (1, 3, 1, 100), (3, 8, 7, 100), (8, 3, 1, 1168), (32, 2, 7, 32)],
-)
+@pytest.mark.parametrize(("n_blocks", "s", "t", "d"), READS)
 @torch.no_grad()
 def test_phase1_plus_merge_matches_reference(
     dtype: torch.dtype, n_blocks: int, s: int, t: int, d: int
@@ -57,6 +67,35 @@ def test_phase1_plus_merge_matches_reference(
         assert_close(f"read {i} merged", out, ref, TOL[dtype])
 
 
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("n_blocks", "s", "t", "d"), READS)
+@torch.no_grad()
+def test_merge_fused_with_its_norm_matches_reference(
+    dtype: torch.dtype, n_blocks: int, s: int, t: int, d: int
+) -> None:
+    """The merge with the RMSNorm after it, from strided inputs: ``o`` and ``lse`` are slices of the
+    group's ``[M, S, d]`` / ``[M, S]``, and the partial sum is a transposed view."""
+    *blocks, partial = make_sources(n_blocks + 1, t, d, dtype)
+    partial = (
+        partial.detach().transpose(0, 1).contiguous().transpose(0, 1)
+    )  # [2, T, d] values, [T, 2, d] memory
+    queries, gains = make_query_gain(d, s)
+    stack = SourceStack(partial, n_blocks)
+    for b in blocks:
+        stack.push(b, rstd_stat(b, 1e-6))
+    folded = fold_query(queries, gains, dtype)
+    outs, lse = stacked_phase1(stack, folded, need_lse=True)
+    weight = (1 + 0.3 * torch.randn(d, dtype=torch.float64)).to(dtype)
+    for i in range(s):
+        ref = depth_read([*blocks, partial], queries[i], gains[i]).double()
+        ref = F.rms_norm(ref, (d,), weight.double(), 1e-5)
+        out = stacked_merge(outs[:, i], lse[:, i], partial, rstd_stat(partial, 1e-6), folded[i], weight, 1e-5)
+        assert out.dtype == dtype and out.shape == partial.shape
+        assert_close(f"read {i} merged and normed", out, ref, TOL[dtype])
+
+
+@pytest.mark.usefixtures("backend")
 @torch.no_grad()
 def test_single_block_read_is_identity() -> None:
     (v,) = make_sources(1, 7, 100, torch.float32)
@@ -76,11 +115,15 @@ def test_stack_refuses_overflow() -> None:
         stack.push(v, rstd_stat(v, 1e-6))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize(("variant", "n_sublayers", "block_size"), [
+SCHEDULES = [
     ("full", 7, None), ("block", 7, 1), ("block", 7, 2), ("block", 7, 3), ("block", 5, 8), ("block", 9, 3),
     ("block", 8, 4),
-])  # fmt: skip
+]  # fmt: skip
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize(("variant", "n_sublayers", "block_size"), SCHEDULES)
 @torch.no_grad()
 def test_scheme_inference_matches_reference(
     dtype: torch.dtype, variant: str, n_sublayers: int, block_size: int | None
@@ -100,6 +143,39 @@ def test_scheme_inference_matches_reference(
         assert_close(f"T={t}", out, ref, TOL[dtype] * (10 if dtype == torch.float64 else 3))
 
 
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("variant", "n_sublayers", "block_size"), SCHEDULES)
+@torch.no_grad()
+def test_normed_reads_equal_the_norm_of_reference_reads(
+    dtype: torch.dtype, variant: str, n_sublayers: int, block_size: int | None
+) -> None:
+    """``normed_input`` / ``normed_final`` (the read fused with the norm after it) at every site
+    equal ``norm(read)`` with the reference read, through a whole schedule."""
+    model = ToyStack(variant, 100, n_sublayers, block_size, dtype)
+    norms = [torch.nn.RMSNorm(100, eps=1e-5, dtype=dtype) for _ in range(n_sublayers + 1)]
+    for norm in norms:
+        norm.weight.copy_(1 + 0.3 * torch.randn(100))
+    scheme = model.scheme
+    x = torch.randn(2, 7, 100, dtype=torch.float64).to(dtype)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    tol = TOL[dtype] * (10 if dtype == torch.float64 else 3)
+    with use_impl("two_phase"):
+        fast = scheme.init_state(x)
+    with use_impl("reference"):
+        ref = scheme.init_state(x)
+    for layer, w in enumerate(model.weights):
+        got, want = (
+            scheme.normed_input(fast, layer, norms[layer]),
+            norms[layer](scheme.layer_input(ref, layer)),
+        )
+        assert got.dtype == dtype
+        assert_close(f"site {layer}", got, want, tol)
+        out = torch.tanh(want @ w)  # the same sublayer output for both states
+        fast, ref = scheme.update(fast, layer, out), scheme.update(ref, layer, out)
+    assert_close("final", scheme.normed_final(fast, norms[-1]), norms[-1](scheme.final(ref)), tol)
+
+
 def test_auto_picks_fused_for_training_and_two_phase_for_inference() -> None:
     scheme = ToyStack("block", 32, 4, 2, torch.float32).scheme
     x = torch.randn(2, 3, 32)
@@ -112,6 +188,7 @@ def test_auto_picks_fused_for_training_and_two_phase_for_inference() -> None:
         assert isinstance(scheme.init_state(x), StackedDepthState)
 
 
+@pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("variant", ["block", "full"])
 @torch.no_grad()
 def test_model_logits_agree_in_inference(variant: str) -> None:
@@ -174,3 +251,34 @@ def test_replaying_an_inference_state_past_a_block_boundary_is_refused() -> None
         scheme.update(state, 1, out)  # layer 1 closes block 1 (S=2)
         with pytest.raises(RuntimeError, match="already advanced past this block boundary"):
             scheme.update(state, 1, out)
+
+
+_FORCED_TORCH = """
+import torch
+import attnres.ops.native as native
+from attnres.model import ModelConfig, Transformer
+from attnres.ops.dispatch import use_impl
+
+def refuse(*args, **kwargs):
+    raise AssertionError("a native kernel ran although ATTNRES_KERNELS=torch")
+
+native._loaded = refuse  # every native custom op calls it first
+for variant in ("block", "full"):
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, seq_len=8,
+                                    residual={"variant": variant}))
+    tokens = torch.randint(0, 50, (2, 8))
+    for impl in ("auto", "fused", "two_phase"):
+        with use_impl(impl):
+            model(tokens).sum().backward()
+            with torch.no_grad():
+                model(tokens)
+print("ok")
+"""
+
+
+def test_attnres_kernels_torch_forces_pytorch_ops_on_every_path() -> None:
+    """``ATTNRES_KERNELS=torch``: no native kernel runs, in training (fused, two-phase) or without
+    gradients (the stacked reads); a fresh process, since the variable is read at import."""
+    env = {**os.environ, "ATTNRES_KERNELS": "torch"}
+    run = subprocess.run([sys.executable, "-c", _FORCED_TORCH], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
