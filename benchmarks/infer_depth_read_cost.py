@@ -1,8 +1,10 @@
 """The residual scheme's share of one decode step: its 17 reads and 16 updates at d=512, 16 sublayers.
 
-Runs the scheme's own loop (``init_state``, ``layer_input``, ``update``, ``final``) without gradients
-on one token per row with fixed stand-in sublayer outputs, so only the depth bookkeeping and reads
-are timed, per depth-read implementation, and counts the aten operators one step dispatches.
+Runs the scheme's loop as the model runs it (``init_state``, ``normed_input`` with each sublayer's
+RMSNorm, ``update``, ``normed_final``) without gradients on one token per row with fixed stand-in
+sublayer outputs, so only the depth bookkeeping, reads and pre-norms are timed (prenorm's row is its
+adds and norms), per depth-read implementation and kernel set, and counts the operators one step
+dispatches (the native kernels' custom ops count one each).
 Usage: ``python benchmarks/infer_depth_read_cost.py`` (one thread).
 """
 
@@ -11,7 +13,7 @@ import time
 
 import torch
 
-from attnres.ops.dispatch import use_impl
+from attnres.ops.dispatch import use_impl, use_kernels
 from attnres.residuals import ResidualConfig, build_residual
 
 D, SUBLAYERS, REPEATS = 512, 16, 300
@@ -26,21 +28,22 @@ def scheme_step(variant: str, batch: int):
             p.add_(0.1 * torch.randn_like(p))
     embedding = torch.randn(batch, 1, D)
     outs = [torch.randn(batch, 1, D) for _ in range(SUBLAYERS)]
+    norms = [torch.nn.RMSNorm(D, eps=1e-6) for _ in range(SUBLAYERS + 1)]
 
     def step() -> None:
         state = scheme.init_state(embedding)
         for layer, out in enumerate(outs):
-            scheme.layer_input(state, layer)
+            scheme.normed_input(state, layer, norms[layer])
             state = scheme.update(state, layer, out)
-        scheme.final(state)
+        scheme.normed_final(state, norms[-1])
 
     return step
 
 
-def measure(variant: str, impl: str, batch: int) -> tuple[float, int]:
-    """Median ms of one step and the number of aten operators it dispatches."""
+def measure(variant: str, impl: str, kernels: str, batch: int) -> tuple[float, int]:
+    """Median ms of one step and the number of operators it dispatches."""
     step = scheme_step(variant, batch)
-    with torch.no_grad(), use_impl(impl):
+    with torch.no_grad(), use_impl(impl), use_kernels(kernels):
         for _ in range(20):
             step()
         times = []
@@ -58,6 +61,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     for batch in (1, 8):
         for variant in ("prenorm", "block", "full"):
-            for impl in ("reference", "two_phase") if variant != "prenorm" else ("reference",):
-                ms, ops = measure(variant, impl, batch)
-                print(f"B={batch} {variant:<8} {impl:<10} {ms:6.3f} ms per decode step, {ops:4d} aten ops")
+            arms = [("reference", "torch"), ("two_phase", "torch"), ("two_phase", "native")]
+            for impl, kernels in arms if variant != "prenorm" else arms[:1]:
+                ms, ops = measure(variant, impl, kernels, batch)
+                arm = f"{impl}/{kernels}"
+                print(f"B={batch} {variant:<8} {arm:<17} {ms:6.3f} ms per decode step, {ops:4d} ops")

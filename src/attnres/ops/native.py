@@ -5,13 +5,15 @@ Two families, each a custom op (below):
 * training (``attnres::native_attend`` and its backward): :func:`attnres.ops.fused.depth_attend`
   runs them for CPU tensors; they read each source once per read instead of the ~15 passes of the
   PyTorch-ops path (see the C++ file's header);
-* inference, without gradients (``attnres::native_stack_phase1``, ``attnres::native_stack_merge``):
-  :mod:`attnres.ops.stacked` runs them for prefill and decoding, phase 1 in one pass over a stack of
-  the completed blocks and the phase-2 merge in one pass per token, fused with the RMSNorm that
-  consumes the read. Building needs a
-C++ compiler and ``ninja`` (a dependency of this package); it takes about half a minute, once per
-environment and kernel version, and says so on stderr. Without a compiler the read falls back to
-PyTorch ops, with one warning saying why; ``ATTNRES_KERNELS=torch`` (or
+* inference, without gradients (``attnres::native_stack_phase1``, ``…_stack_merge``,
+  ``…_stack_norm``, ``…_stack_accumulate``): :mod:`attnres.ops.stacked` runs them for prefill and
+  decoding: phase 1 in one pass over a stack of the completed blocks, each read in one pass per
+  token fused with the RMSNorm that consumes it, and each new partial sum with its statistic in one
+  pass. In eager mode they skip the custom-op layer (:func:`_inference_op`).
+
+Building needs a C++ compiler and ``ninja`` (a dependency of this package); it takes about half a
+minute, once per environment and kernel version, and says so on stderr. Without a compiler the reads
+fall back to PyTorch ops, with one warning saying why; ``ATTNRES_KERNELS=torch`` (or
 :func:`attnres.ops.dispatch.use_kernels`) chooses the PyTorch ops on purpose.
 
 Cache: the library is built under ``$ATTNRES_CACHE/native`` (default ``~/.cache/attnres/native``) in
@@ -30,6 +32,7 @@ one found there was left by a killed build and is removed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -38,7 +41,7 @@ import sys
 import sysconfig
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -46,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnres.ops.precision import no_autocast
+from attnres.ops.precision import no_autocast, stats_dtype
 
 try:
     import fcntl
@@ -326,8 +329,26 @@ native_attend.register_autograd(_backward, setup_context=_setup_context)
 # No autograd registration: attnres.ops.stacked calls them only with gradients disabled.
 
 
-@torch.library.custom_op("attnres::native_stack_phase1", mutates_args=(), device_types="cpu")
-def native_stack_phase1(
+def _inference_op(fn: Callable[..., Any]) -> Any:
+    """Register ``fn`` (a call into the library) as the custom op ``attnres::native_<name>``.
+
+    Returns a caller that runs the op while ``torch.compile`` traces (the graph keeps it as one
+    node) and ``fn`` itself in eager mode: a Python custom op costs ~25 µs a call on this project's
+    CPU, the whole budget of a decode step's read, and these ops need none of what it adds
+    (autograd, fake tensors). ``register_fake`` is the op's.
+    """
+    op = torch.library.custom_op(f"attnres::native_{fn.__name__}", mutates_args=(), device_types="cpu")(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        return op(*args) if torch.compiler.is_compiling() else fn(*args)
+
+    call.register_fake = op.register_fake  # type: ignore[attr-defined]
+    return call
+
+
+@_inference_op
+def stack_phase1(
     values: Tensor, rstd: Tensor, n: int, queries: Tensor, need_lse: bool
 ) -> tuple[Tensor, Tensor]:
     """Phase 1 of ``S`` queries ``[S, d]`` against the first ``n`` blocks of a stack.
@@ -339,27 +360,69 @@ def native_stack_phase1(
     return outs, lse
 
 
-@native_stack_phase1.register_fake
+@stack_phase1.register_fake
 def _(values: Tensor, rstd: Tensor, n: int, queries: Tensor, need_lse: bool) -> tuple[Tensor, Tensor]:
     (_, m, d), s = values.shape, queries.shape[0]
     return values.new_empty((m, s, d)), values.new_empty((m, s) if need_lse else (0,))
 
 
-@torch.library.custom_op("attnres::native_stack_merge", mutates_args=(), device_types="cpu")
-def native_stack_merge(
+@_inference_op
+def stack_merge(
     o: Tensor, lse: Tensor, p: Tensor, p_rstd: Tensor, q: Tensor, weight: Tensor | None, eps: float
 ) -> Tensor:
     """Phase 2, ``h = o + σ(r_p (p · q) − lse)(p − o)``, then ``rmsnorm(h) · weight`` if ``weight``.
 
-    ``o [M, d]`` (statistics dtype) and ``p [M, d]`` need unit stride along ``d`` only; ``lse`` and
-    ``p_rstd`` are ``[M]`` in the statistics dtype, ``q [d]`` contiguous; ``weight [d]`` is in
-    ``p``'s dtype and ``eps`` is the norm's. Returns ``[M, d]`` in ``p``'s dtype.
+    ``o [M, d]`` (statistics dtype) needs unit stride along ``d`` only, ``lse [M]`` any stride; the
+    partial sum ``p [..., d]`` and its ``p_rstd [...]`` are contiguous; ``q [d]`` (statistics dtype);
+    ``weight [d]`` is in ``p``'s dtype and ``eps`` is the norm's. Returns ``p``'s shape and dtype.
     """
     return _loaded().stack_merge(o, lse, p, p_rstd, q, weight, eps)
 
 
-@native_stack_merge.register_fake
-def _(
-    o: Tensor, lse: Tensor, p: Tensor, p_rstd: Tensor, q: Tensor, weight: Tensor | None, eps: float
-) -> Tensor:
+@stack_merge.register_fake
+def _(o: Tensor, lse: Tensor, p: Tensor, *_query_weight_eps: object) -> Tensor:
     return p.new_empty(p.shape)
+
+
+@_inference_op
+def stack_norm(o: Tensor, like: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """A group's first read ``o [M, d]`` (statistics dtype, unit stride along ``d``) in ``like``'s
+    shape ``[..., d]`` and dtype, and ``rmsnorm(o) · weight`` if ``weight`` (``[d]``, that dtype)."""
+    return _loaded().stack_norm(o, like, weight, eps)
+
+
+@stack_norm.register_fake
+def _(o: Tensor, like: Tensor, *_weight_eps: object) -> Tensor:
+    return like.new_empty(like.shape)
+
+
+@_inference_op
+def stack_accumulate(partial: Tensor | None, out: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``p = partial + out`` (a contiguous copy of ``out`` if ``partial`` is ``None``) and its
+    ``rsqrt(mean(p²) + eps)``, in one pass.
+
+    ``out [..., d]`` may be strided; ``partial`` is contiguous, of ``out``'s shape and dtype. Returns
+    ``p`` (``out``'s shape) and its statistic ``[...]`` in the statistics dtype.
+    """
+    p, r = _loaded().stack_accumulate(partial, out, eps)
+    return p, r
+
+
+@stack_accumulate.register_fake
+def _(partial: Tensor | None, out: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return out.new_empty(out.shape), out.new_empty(out.shape[:-1], dtype=stats_dtype(out.dtype))
+
+
+@torch.library.custom_op("attnres::native_stack_push", mutates_args=("values", "rstd"), device_types="cpu")
+def _stack_push_op(values: Tensor, rstd: Tensor, slot: int, p: Tensor, r: Tensor) -> None:
+    _loaded().stack_push(values, rstd, slot, p, r)
+
+
+def stack_push(values: Tensor, rstd: Tensor, slot: int, p: Tensor, r: Tensor) -> None:
+    """Write a completed block ``p`` (``M·d`` values, any strides and dtype) and its statistic ``r``
+    into row ``slot`` of a stack ``values [C, M, d]``, ``rstd [C, M, 1]`` (eager: no custom-op layer,
+    as in :func:`_inference_op`; that decorator is for ops that return their results)."""
+    if torch.compiler.is_compiling():
+        _stack_push_op(values, rstd, slot, p, r)
+    else:
+        _loaded().stack_push(values, rstd, slot, p, r)

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attnres.ops import native
 from attnres.ops.dispatch import kernels_for
-from attnres.ops.native import native_stack_merge, native_stack_phase1
+from attnres.ops.fused import rstd_stat
 from attnres.ops.precision import no_autocast, stats_dtype
 
 
@@ -60,6 +61,10 @@ class SourceStack:
         """Append a completed source ``[..., d]`` and its statistic ``[...]``."""
         if self.size == self.values.shape[0]:
             raise RuntimeError(f"the source stack is full ({self.size} sources)")
+        if kernels_for(v) == "native":
+            native.stack_push(self.values, self.rstd, self.size, v, rstd)
+            self.size += 1
+            return
         # reshape, not view: a source may be a strided view (a sequence-first layout transposed)
         self.values[self.size].copy_(v.reshape(self.values.shape[1:]))
         self.rstd[self.size].copy_(rstd.reshape(self.rstd.shape[1:]))
@@ -82,7 +87,7 @@ def stacked_phase1(stack: SourceStack, queries: Tensor, need_lse: bool) -> tuple
     if n < 1:
         raise ValueError("phase 1 needs at least one completed block on the stack")
     if kernels_for(stack.values) == "native":
-        outs, lse = native_stack_phase1(stack.values, stack.rstd, n, queries.contiguous(), need_lse)
+        outs, lse = native.stack_phase1(stack.values, stack.rstd, n, queries.contiguous(), need_lse)
         return outs, lse if need_lse else None
     values = stack.values[:n]  # [n, M, d], contiguous
     logits = torch.mm(values.view(n * tokens, d), queries.T).view(n, tokens, -1)  # [n, M, S]
@@ -129,7 +134,7 @@ def stacked_merge(
         norm_eps = torch.finfo(partial.dtype).eps if norm_eps is None else norm_eps
     p_rows = partial.reshape(o.shape)  # [M, d]; a view unless the partial is a strided view
     if kernels_for(partial) == "native":
-        out = native_stack_merge(
+        out = native.stack_merge(
             o, lse, p_rows, partial_rstd.reshape(lse.shape), query, norm_weight, norm_eps or 0.0
         )
         return out.view(partial.shape)
@@ -139,3 +144,33 @@ def stacked_merge(
     if norm_weight is None:
         return h
     return F.rms_norm(h, (h.shape[-1],), norm_weight, norm_eps)
+
+
+@no_autocast
+def stacked_first_read(
+    o: Tensor, like: Tensor, norm_weight: Tensor | None = None, norm_eps: float | None = None
+) -> Tensor:
+    """A group's first read, which sees exactly the completed blocks: its phase-1 output ``o [M, d]``
+    (any row stride) as ``[..., d]`` in ``like``'s shape and dtype, or ``rmsnorm(o) · norm_weight``
+    (arguments as in :func:`stacked_merge`)."""
+    if norm_weight is not None:
+        norm_weight = norm_weight.to(like.dtype)
+        norm_eps = torch.finfo(like.dtype).eps if norm_eps is None else norm_eps
+    if kernels_for(like) == "native":
+        return native.stack_norm(o, like, norm_weight, norm_eps or 0.0)
+    h = o.reshape(like.shape).to(like.dtype)
+    return h if norm_weight is None else F.rms_norm(h, (h.shape[-1],), norm_weight, norm_eps)
+
+
+@no_autocast
+def stacked_accumulate(partial: Tensor | None, out: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """A sublayer output entering the inference state: the partial sum ``p = partial + out`` (``out``
+    when ``partial`` is ``None``, the output opening a block) and ``rstd_stat(p, eps)``.
+
+    ``out`` is already in the stream dtype; the native kernels do both in one pass, and return a
+    contiguous ``p`` (a copy of ``out`` when ``partial`` is ``None``).
+    """
+    if kernels_for(out) == "native" and (partial is None or partial.is_contiguous()):
+        return native.stack_accumulate(partial, out, eps)
+    p = out if partial is None else partial + out
+    return p, rstd_stat(p, eps)

@@ -38,10 +38,16 @@ from torch import Tensor, nn
 
 from attnres.ops import depth_read, depth_weights
 from attnres.ops.dispatch import select_impl
-from attnres.ops.fused import fold_query, fused_depth_read, rstd_stat, source_rstd
+from attnres.ops.fused import fold_query, fused_depth_read, source_rstd
 from attnres.ops.general import general_depth_read
 from attnres.ops.precision import no_autocast, stats_dtype
-from attnres.ops.stacked import SourceStack, stacked_merge, stacked_phase1
+from attnres.ops.stacked import (
+    SourceStack,
+    stacked_accumulate,
+    stacked_first_read,
+    stacked_merge,
+    stacked_phase1,
+)
 from attnres.ops.two_phase import phase1, phase2_merge
 from attnres.residuals.base import ResidualConfig, ResidualScheme, to_stream
 from attnres.residuals.registry import register
@@ -235,10 +241,12 @@ class BlockAttnRes(ResidualScheme):
         self, state: DepthState | StackedDepthState, layer: int, out: Tensor
     ) -> DepthState | StackedDepthState:
         sealed = layer % self.block_size == 0
-        partial = to_stream(out if sealed else state.partial + out, state.partial)  # the stream dtype
         if isinstance(state, StackedDepthState):
-            new = replace(state, partial=partial, partial_rstd=rstd_stat(partial, self.cfg.eps))
+            out = to_stream(out, state.partial)
+            partial, rstd = stacked_accumulate(None if sealed else state.partial, out, self.cfg.eps)
+            new = replace(state, partial=partial, partial_rstd=rstd)
             return self._open_stacked_group(new, layer + 1) if (layer + 1) % self.block_size == 0 else new
+        partial = to_stream(out if sealed else state.partial + out, state.partial)  # the stream dtype
         blocks = (*state.blocks, state.partial) if sealed else state.blocks
         if state.impl == "reference":
             return DepthState(blocks=blocks, partial=partial)
@@ -316,10 +324,11 @@ class BlockAttnRes(ResidualScheme):
         return i
 
     def _init_stacked(self, embedding: Tensor) -> StackedDepthState:
+        partial, rstd = stacked_accumulate(None, embedding, self.cfg.eps)
         state = StackedDepthState(
             stack=SourceStack(embedding, self.max_sources()),
-            partial=embedding,
-            partial_rstd=rstd_stat(embedding, self.cfg.eps),
+            partial=partial,
+            partial_rstd=rstd,
             queries=fold_query(self.query, self.key_gain, embedding.dtype),
         )
         return self._open_stacked_group(state, 0)
@@ -342,12 +351,11 @@ class BlockAttnRes(ResidualScheme):
         """The read at ``site``, or ``norm`` of it (fused with the merge) when ``norm`` is given."""
         outs, lse = state.group  # [M, S', d], [M, S']
         i = self._group_index(state, site, outs.shape[1])
-        if i == 0:  # the group's first read sees exactly the completed blocks
-            h = outs[:, 0].view(state.partial.shape).to(state.partial.dtype)
-            return h if norm is None else norm(h)
         weight, eps = (None, None) if norm is None else (norm.weight, norm.eps)
         if norm is not None and weight is None:  # a norm without a gain: 1
             weight = torch.ones(self.d_model, dtype=state.partial.dtype, device=state.partial.device)
+        if i == 0:  # the group's first read sees exactly the completed blocks
+            return stacked_first_read(outs[:, 0], state.partial, weight, eps)
         return stacked_merge(
             outs[:, i], lse[:, i], state.partial, state.partial_rstd, state.queries[site], weight, eps
         )

@@ -329,34 +329,44 @@ std::vector<at::Tensor> stack_phase1(const at::Tensor& values, const at::Tensor&
 
 // Phase 2 for one read, h = o + sigma(r_p (p . q) - lse) (p - o), and then, if weight is given, the
 // RMSNorm that consumes the read: h * rsqrt(mean(h^2) + eps) * weight. One pass per token, in the
-// statistics dtype; the result is [M, d] in p's dtype. o [M, d] (statistics dtype) and p [M, d] may
-// have any row stride with unit stride along d; lse and r_p [M] any stride; q [d] contiguous.
+// statistics dtype, rounded once to the output dtype scalar_t. o [M, d] (statistics dtype) may have
+// any row stride with unit stride along d, lse [M] any stride; p (M * d values) and r_p (M) are
+// contiguous; q [d]. Without p (merge = false) h = o: a group's first read, which sees only blocks.
 template <typename scalar_t>
-void stack_merge_kernel(const at::Tensor& o, const at::Tensor& lse, const at::Tensor& p, const at::Tensor& p_rstd,
+void finish_read_kernel(const at::Tensor& o, const at::Tensor& lse, const at::Tensor& p, const at::Tensor& p_rstd,
                         const at::Tensor& q, const at::Tensor& weight, double eps, at::Tensor& result) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t m = p.size(0), d = p.size(1);
-  const int64_t o_row = o.stride(0), p_row = p.stride(0), lse_step = lse.stride(0), r_step = p_rstd.stride(0);
+  const bool merge = p.defined();
+  const int64_t m = o.size(0), d = o.size(1), o_row = o.stride(0);
   const acc_t* o_p = o.data_ptr<acc_t>();
-  const acc_t* lse_p = lse.data_ptr<acc_t>();
-  const scalar_t* p_p = p.data_ptr<scalar_t>();
-  const acc_t* r_p = p_rstd.data_ptr<acc_t>();
-  const acc_t* q_p = q.data_ptr<acc_t>();
+  const int64_t lse_step = merge ? lse.stride(0) : 0;
+  const acc_t* lse_p = merge ? lse.data_ptr<acc_t>() : nullptr;
+  const scalar_t* p_p = merge ? p.data_ptr<scalar_t>() : nullptr;
+  const acc_t* r_p = merge ? p_rstd.data_ptr<acc_t>() : nullptr;
+  const acc_t* q_p = merge ? q.data_ptr<acc_t>() : nullptr;
   const scalar_t* w_p = weight.defined() ? weight.data_ptr<scalar_t>() : nullptr;
   scalar_t* res = result.data_ptr<scalar_t>();
   const acc_t eps_ = static_cast<acc_t>(eps);
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> h(d);
     for (int64_t t = begin; t < end; ++t) {
-      const scalar_t* pt = p_p + t * p_row;
       const acc_t* ot = o_p + t * o_row;
-      const acc_t x = dot<acc_t>(pt, q_p, d) * r_p[t * r_step] - lse_p[t * lse_step];
-      const acc_t w = acc_t(1) / (acc_t(1) + std::exp(-x));
       acc_t sq = 0;
+      if (merge) {
+        const scalar_t* pt = p_p + t * d;
+        const acc_t x = dot<acc_t>(pt, q_p, d) * r_p[t] - lse_p[t * lse_step];
+        const acc_t w = acc_t(1) / (acc_t(1) + std::exp(-x));
 #pragma omp simd reduction(+ : sq)
-      for (int64_t k = 0; k < d; ++k) {
-        h[k] = ot[k] + w * (static_cast<acc_t>(pt[k]) - ot[k]);
-        sq += h[k] * h[k];
+        for (int64_t k = 0; k < d; ++k) {
+          h[k] = ot[k] + w * (static_cast<acc_t>(pt[k]) - ot[k]);
+          sq += h[k] * h[k];
+        }
+      } else {
+#pragma omp simd reduction(+ : sq)
+        for (int64_t k = 0; k < d; ++k) {
+          h[k] = ot[k];
+          sq += h[k] * h[k];
+        }
       }
       scalar_t* out = res + t * d;
       if (!w_p) {
@@ -370,31 +380,110 @@ void stack_merge_kernel(const at::Tensor& o, const at::Tensor& lse, const at::Te
   });
 }
 
-at::Tensor stack_merge(const at::Tensor& o, const at::Tensor& lse, const at::Tensor& p, const at::Tensor& p_rstd,
-                       const at::Tensor& q, const std::optional<at::Tensor>& weight, double eps) {
-  TORCH_CHECK(p.device().is_cpu() && p.dim() == 2 && p.stride(1) == 1,
-              "stack_merge: the partial sum must be a CPU [M, d] tensor with unit stride along d");
-  const int64_t m = p.size(0), d = p.size(1);
-  const auto cd = c10::toRealValueType(at::toOpMathType(p.scalar_type()));
-  auto stat_ok = [&](const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == cd; };
-  TORCH_CHECK(stat_ok(o) && o.dim() == 2 && o.size(0) == m && o.size(1) == d && o.stride(1) == 1,
-              "stack_merge: o must be [M, d] in the statistics dtype with unit stride along d");
-  TORCH_CHECK(stat_ok(lse) && lse.dim() == 1 && lse.size(0) == m, "stack_merge: lse must be [M] (statistics dtype)");
-  TORCH_CHECK(stat_ok(p_rstd) && p_rstd.dim() == 1 && p_rstd.size(0) == m,
-              "stack_merge: r_p must be [M] (statistics dtype)");
-  TORCH_CHECK(stat_ok(q) && q.dim() == 1 && q.size(0) == d && q.is_contiguous(),
-              "stack_merge: q must be a contiguous [d] vector in the statistics dtype");
+c10::ScalarType stats_type(c10::ScalarType t) { return c10::toRealValueType(at::toOpMathType(t)); }
+
+// o is a phase-1 output [M, d]; `like` is a [..., d] tensor of M rows in the output dtype, whose
+// shape the result takes (contiguous).
+at::Tensor finish_read(const at::Tensor& o, const at::Tensor& lse, const at::Tensor& p, const at::Tensor& p_rstd,
+                       const at::Tensor& q, const std::optional<at::Tensor>& weight, double eps, const at::Tensor& like,
+                       const char* name) {
+  TORCH_CHECK(like.device().is_cpu() && like.dim() >= 1, name, ": the stream tensor must be a CPU [..., d] tensor");
+  const int64_t d = like.size(-1), m = d ? like.numel() / d : 0;
+  TORCH_CHECK(o.device().is_cpu() && o.scalar_type() == stats_type(like.scalar_type()) && o.dim() == 2 &&
+                  o.size(0) == m && o.size(1) == d && o.stride(1) == 1,
+              name, ": o must be [M, d] in the statistics dtype with unit stride along d");
   at::Tensor w;
   if (weight.has_value() && weight->defined()) {
     w = *weight;
     TORCH_CHECK(w.device().is_cpu() && w.dim() == 1 && w.size(0) == d && w.is_contiguous() &&
-                    w.scalar_type() == p.scalar_type(),
-                "stack_merge: the norm weight must be a contiguous [d] vector in the partial sum's dtype");
+                    w.scalar_type() == like.scalar_type(),
+                name, ": the norm weight must be a contiguous [d] vector in the stream dtype");
   }
-  auto result = new_output({m, d}, p.options().memory_format(at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "stack_merge",
-                                  [&] { stack_merge_kernel<scalar_t>(o, lse, p, p_rstd, q, w, eps, result); });
+  auto result = new_output(like.sizes(), like.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, like.scalar_type(), "finish_read",
+                                  [&] { finish_read_kernel<scalar_t>(o, lse, p, p_rstd, q, w, eps, result); });
   return result;
+}
+
+// The merge (+ norm) of a read inside a group: returns p's shape and dtype.
+at::Tensor stack_merge(const at::Tensor& o, const at::Tensor& lse, const at::Tensor& p, const at::Tensor& p_rstd,
+                       const at::Tensor& q, const std::optional<at::Tensor>& weight, double eps) {
+  TORCH_CHECK(p.is_contiguous(), "stack_merge: the partial sum must be contiguous");
+  const auto cd = stats_type(p.scalar_type());
+  const int64_t d = p.dim() ? p.size(-1) : 0, m = d ? p.numel() / d : 0;
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == cd && lse.dim() == 1 && lse.size(0) == m,
+              "stack_merge: lse must be [M] (statistics dtype)");
+  TORCH_CHECK(p_rstd.device().is_cpu() && p_rstd.scalar_type() == cd && p_rstd.numel() == m && p_rstd.is_contiguous(),
+              "stack_merge: r_p must be contiguous, one per token (statistics dtype)");
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == cd && q.dim() == 1 && q.size(0) == d && q.is_contiguous(),
+              "stack_merge: q must be a contiguous [d] vector in the statistics dtype");
+  return finish_read(o, lse, p, p_rstd, q, weight, eps, p, "stack_merge");
+}
+
+// A group's first read: o in like's shape and dtype, RMS-normalised if weight is given.
+at::Tensor stack_norm(const at::Tensor& o, const at::Tensor& like, const std::optional<at::Tensor>& weight,
+                      double eps) {
+  return finish_read(o, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), weight, eps, like, "stack_norm");
+}
+
+// A sublayer output entering the no-grad state: the new partial sum p = partial + out (p = out,
+// copied, when partial is undefined: the output opens a block, or it is the embedding) and its
+// statistic rsqrt(mean(p^2) + eps), in one pass. out may have any strides; partial, if given, is
+// contiguous, of out's shape and dtype. Returns p (contiguous, out's shape) and r (out's shape without
+// d, statistics dtype).
+template <typename scalar_t>
+void accumulate_kernel(const at::Tensor& partial, const at::Tensor& out, double eps, at::Tensor& p, at::Tensor& r) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t d = out.size(-1), m = out.numel() / d;
+  const scalar_t* prev = partial.defined() ? partial.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* add = out.data_ptr<scalar_t>();
+  scalar_t* p_p = p.data_ptr<scalar_t>();
+  acc_t* r_p = r.data_ptr<acc_t>();
+  const acc_t eps_ = static_cast<acc_t>(eps);
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      scalar_t* row = p_p + t * d;
+      acc_t sq = 0;
+      for (int64_t k = 0; k < d; ++k) {
+        // rounded to the stream dtype first, as the state stores it, then squared
+        const scalar_t v = prev ? static_cast<scalar_t>(static_cast<acc_t>(prev[t * d + k]) +
+                                                        static_cast<acc_t>(add[t * d + k]))
+                                : add[t * d + k];
+        row[k] = v;
+        sq += static_cast<acc_t>(v) * static_cast<acc_t>(v);
+      }
+      r_p[t] = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(d) + eps_);
+    }
+  });
+}
+
+std::vector<at::Tensor> stack_accumulate(const std::optional<at::Tensor>& partial, const at::Tensor& out, double eps) {
+  TORCH_CHECK(out.device().is_cpu() && out.dim() >= 1 && out.size(-1) > 0,
+              "stack_accumulate: the sublayer output must be a CPU [..., d] tensor");
+  at::Tensor prev = partial.has_value() ? *partial : at::Tensor();
+  if (prev.defined())
+    TORCH_CHECK(prev.device().is_cpu() && prev.sizes() == out.sizes() && prev.is_contiguous() &&
+                    prev.scalar_type() == out.scalar_type(),
+                "stack_accumulate: the partial sum must be contiguous, of the output's shape and dtype");
+  const at::Tensor add = out.contiguous();  // a view for contiguous outputs (the usual case)
+  auto p = new_output(out.sizes(), out.options());
+  auto r = new_output(out.sizes().slice(0, out.dim() - 1), out.options().dtype(stats_type(out.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "stack_accumulate",
+                                  [&] { accumulate_kernel<scalar_t>(prev, add, eps, p, r); });
+  return {p, r};
+}
+
+// Push a completed block onto the stack: row `slot` of values [C, M, d] and rstd [C, M, 1] gets p
+// (M * d values, any strides and floating dtype; converted to the stack's) and r (M values).
+void stack_push(at::Tensor& values, at::Tensor& rstd, int64_t slot, const at::Tensor& p, const at::Tensor& r) {
+  TORCH_CHECK(values.dim() == 3 && values.is_contiguous() && rstd.is_contiguous() &&
+                  rstd.numel() == values.size(0) * values.size(1),
+              "stack_push: values [C, M, d] and rstd [C, M, 1] must be contiguous");
+  TORCH_CHECK(0 <= slot && slot < values.size(0), "stack_push: slot ", slot, " outside the stack");
+  TORCH_CHECK(p.numel() == values.size(1) * values.size(2) && r.numel() == values.size(1),
+              "stack_push: the block must have the stack's M * d values and M statistics");
+  values.select(0, slot).view(p.sizes()).copy_(p);
+  rstd.select(0, slot).view(r.sizes()).copy_(r);
 }
 
 }  // namespace
@@ -404,6 +493,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "fused depth read backward (CPU)");
   m.def("stack_phase1", &stack_phase1, "no-grad phase 1 over a stack of blocks (CPU)");
   m.def("stack_merge", &stack_merge, "no-grad phase-2 merge, optionally fused with the RMSNorm after it (CPU)");
+  m.def("stack_norm", &stack_norm, "no-grad first read of a group, cast and optionally RMS-normalised (CPU)");
+  m.def("stack_accumulate", &stack_accumulate, "no-grad partial sum and its statistic in one pass (CPU)");
+  m.def("stack_push", &stack_push, "no-grad push of a completed block onto the stack (CPU)");
   m.def(
       "set_poison_outputs", [](bool on) { poison_outputs = on; }, "tests: fill every output with NaN first");
 }
