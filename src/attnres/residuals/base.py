@@ -146,7 +146,7 @@ def to_stream(out: Tensor, stream: Tensor) -> Tensor:
     dtype (no copy when they agree; exact under autocast, where ``out`` is bf16/fp16 and the stream
     fp32).
     """
-    return out.to(stream.dtype)
+    return out if out.dtype == stream.dtype else out.to(stream.dtype)
 
 
 class ResidualScheme(nn.Module, ABC):
