@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import multiprocessing
 import os
 import statistics
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from attnres.bench.measure import machine, take_turns
+from attnres.bench.measure import emit, machine, take_turns
 from attnres.model import ModelConfig, Transformer
 from attnres.model.cache import KVCache
 from attnres.model.generate import prefill
@@ -314,9 +313,7 @@ def main(args: argparse.Namespace) -> dict:
             print(f"== decode profile: {v}, batch 1, 16 steps\n{profile_decode(cfg, v)}")
         return {}
     results = run(cfg)
-    print(table(results))
-    if args.json:
-        print(json.dumps(results))
+    emit(table(results), results, args.json)
     return results
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import platform
 import statistics
@@ -23,6 +24,13 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
+
+
+def emit(text: str, result: dict, as_json: bool) -> None:
+    """A benchmark's output: the human ``text``, then with ``--json`` the result as one JSON line."""
+    print(text)
+    if as_json:
+        print(json.dumps(result))
 
 
 def take_turns(

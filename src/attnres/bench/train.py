@@ -18,14 +18,13 @@ compiled prenorm; the warm-up call compiles (not timed), and memory is measured 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from attnres.bench.measure import interleaved_medians, machine, saved_bytes
+from attnres.bench.measure import emit, interleaved_medians, machine, saved_bytes
 from attnres.bench.peer import Peer, PeerSpec, parse_overrides
 from attnres.bench.peer import load as load_peer
 from attnres.model import ModelConfig, Transformer, lm_loss
@@ -291,6 +290,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     """``attnres bench train``: the table on stdout; with ``--json`` one JSON line last."""
     result = run(args)
-    print(table(result))
-    if args.json:
-        print(json.dumps(result))
+    emit(table(result), result, args.json)
