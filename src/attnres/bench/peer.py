@@ -98,7 +98,7 @@ class PeerSpec:
 
     @property
     def label(self) -> str:
-        return PREFIX + Path(self.directory).resolve().name
+        return PREFIX + Path(self.directory).expanduser().resolve().name
 
 
 def parse_overrides(items: list[str] | None) -> tuple[tuple[str, object], ...]:
@@ -172,7 +172,7 @@ class Peer:
             "config": {
                 k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
                 for k, v in self.applied.items()
-            },  # fmt: skip
+            },
             "notes": self.notes,
             "params": sum(p.numel() for p in model.parameters()),
         }
@@ -185,8 +185,8 @@ def load(spec: PeerSpec, shape: dict, vocab_size: int) -> Peer:
     if not directory.is_dir():
         raise PeerError(f"--peer {spec.directory}: no such directory")
     if not (directory / "model.py").is_file():
-        found = sorted(str(p.parent.relative_to(directory)) for p in directory.glob("*/*/model.py"))
-        found += sorted(str(p.parent.relative_to(directory)) for p in directory.glob("*/model.py"))
+        found = [str(p.parent.relative_to(directory)) for depth in ("*", "*/*") for p in
+                 sorted(directory.glob(f"{depth}/model.py"))]  # fmt: skip
         hint = f"; model.py files below it: {', '.join(found[:5])}" if found else ""
         raise PeerError(f"--peer {spec.directory}: no model.py in it (nanoGPT's layout){hint}")
     module = _import(directory, label)
