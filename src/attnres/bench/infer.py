@@ -13,10 +13,9 @@ set before it, so weights and the allocator's earlier pages are not counted. Lin
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from attnres.bench.measure import emit, machine, take_turns
 from attnres.model import ModelConfig, Transformer
 from attnres.model.cache import KVCache
 from attnres.model.generate import prefill
@@ -114,13 +114,13 @@ def time_decode(models: dict[str, Transformer], prompt: torch.Tensor, steps: int
     for name, model in models.items():
         caches[name] = KVCache(model.cfg, prompt.shape[0], prompt.shape[1] + steps)
         nxt[name] = prefill(model, prompt, caches[name]).argmax(-1)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(steps):
-        for name, model in models.items():
-            start = time.perf_counter()
-            nxt[name] = model(nxt[name][:, None], cache=caches[name])[:, -1].argmax(-1)
-            times[name].append(time.perf_counter() - start)
-    return times
+
+    def step(name: str, model: Transformer) -> float:
+        start = time.perf_counter()
+        nxt[name] = model(nxt[name][:, None], cache=caches[name])[:, -1].argmax(-1)
+        return time.perf_counter() - start
+
+    return take_turns({name: functools.partial(step, name, m) for name, m in models.items()}, steps)
 
 
 @torch.no_grad()
@@ -146,6 +146,11 @@ def _workloads(cfg: InferBenchConfig) -> list[tuple[str, int, int, int | None]]:
         rows.append((f"prefill T={longest} chunk={cfg.prefill_chunk}", 1, longest, cfg.prefill_chunk))
     rows += [(f"decode B={B}", B, cfg.decode_context, None) for B in cfg.decode_batches]
     return rows
+
+
+def _joined(turns: list[dict[str, list[float]]], variant: str) -> list[float]:
+    """``variant``'s times over all repeats of one workload, in order."""
+    return [t for turn in turns for t in turn[variant]]
 
 
 def _read_status_kib(key: str) -> int:
@@ -192,20 +197,24 @@ def run(cfg: InferBenchConfig, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     load_before = os.getloadavg()
     models = {v: build(cfg, v) for v in cfg.variants}
-    prefill_s: dict = {v: {T: [] for T in cfg.prefill_lens} for v in cfg.variants}
-    decode_s: dict = {v: {B: [] for B in cfg.decode_batches} for v in cfg.variants}
     for m in models.values():  # warm-up, untimed
         time_prefill(m, _tokens(cfg, 1, min(64, cfg.seq_len)))
     time_decode(models, _tokens(cfg, 1, min(8, cfg.seq_len - 4)), 4)
-    for r in range(cfg.repeats):
-        log(f"repeat {r + 1}/{cfg.repeats}", file=sys.stderr)
-        for T in cfg.prefill_lens:
-            for v, m in models.items():
-                prefill_s[v][T].append(time_prefill(m, _tokens(cfg, 1, T)))
-        for B in cfg.decode_batches:
-            prompt = _tokens(cfg, B, cfg.decode_context)
-            for v, times in time_decode(models, prompt, cfg.decode_steps).items():
-                decode_s[v][B] += times
+
+    def prefill_turn(T: int) -> dict[str, list[float]]:
+        tokens = _tokens(cfg, 1, T)
+        return take_turns({v: functools.partial(time_prefill, m, tokens) for v, m in models.items()}, 1)
+
+    # each repeat: every prefill length, then every decode batch, the variants taking turns in each
+    workloads = {("prefill", T): functools.partial(prefill_turn, T) for T in cfg.prefill_lens}
+    for B in cfg.decode_batches:
+        prompt = _tokens(cfg, B, cfg.decode_context)
+        workloads["decode", B] = functools.partial(time_decode, models, prompt, cfg.decode_steps)
+    rounds = take_turns(
+        workloads, cfg.repeats, lambda r: log(f"repeat {r + 1}/{cfg.repeats}", file=sys.stderr)
+    )
+    prefill_s = {v: {T: _joined(rounds["prefill", T], v) for T in cfg.prefill_lens} for v in cfg.variants}
+    decode_s = {v: {B: _joined(rounds["decode", B], v) for B in cfg.decode_batches} for v in cfg.variants}
     results: dict = {"variants": {}}
     for v in cfg.variants:
         row: dict = {}
@@ -230,16 +239,7 @@ def run(cfg: InferBenchConfig, log=print) -> dict:
             if key.endswith(("tok_per_s", "ms_per_token")) or key.startswith("peak_mib"):
                 row[f"ratio {key}"] = row[key] / base[key] if base[key] else float("nan")
     results["config"] = asdict(cfg)
-    results["machine"] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(),
-    }
+    results["machine"] = machine(load_before)
     return results
 
 
@@ -313,9 +313,7 @@ def main(args: argparse.Namespace) -> dict:
             print(f"== decode profile: {v}, batch 1, 16 steps\n{profile_decode(cfg, v)}")
         return {}
     results = run(cfg)
-    print(table(results))
-    if args.json:
-        print(json.dumps(results))
+    emit(table(results), results, args.json)
     return results
 
 

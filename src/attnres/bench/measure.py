@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -20,14 +26,35 @@ def timed(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def interleaved_medians(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def emit(text: str, result: dict, as_json: bool) -> None:
+    """A benchmark's output: the human ``text``, then with ``--json`` the result as one JSON line."""
+    print(text)
+    if as_json:
+        print(json.dumps(result))
+
+
+def take_turns(
+    arms: Mapping[K, Callable[[], V]], rounds: int, on_round: Callable[[int], object] | None = None
+) -> dict[K, list[V]]:
+    """Call every arm once per round, in turn, for ``rounds`` rounds; each arm's results in call order.
+
+    This is how every benchmark interleaves its arms, so a burst of machine load hits them alike.
+    ``on_round(r)`` runs before round ``r`` (a progress line, say).
+    """
+    results: dict[K, list[V]] = {k: [] for k in arms}
+    for r in range(rounds):
+        if on_round is not None:
+            on_round(r)
+        for name, fn in arms.items():
+            results[name].append(fn())
+    return results
+
+
+def interleaved_medians(arms: Mapping[K, Callable[[], object]], repeats: int) -> dict[K, float]:
     """Median ms per arm; one warm-up call each, then the arms run in turn ``repeats`` times."""
     for fn in arms.values():
         fn()
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    for _ in range(repeats):
-        for name, fn in arms.items():
-            times[name].append(timed(fn))
+    times = take_turns({k: functools.partial(timed, fn) for k, fn in arms.items()}, repeats)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -101,12 +128,33 @@ def step_memory(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Ten
     return StepMemory(kept=live if kept is None else kept, peak=peak)
 
 
-def machine() -> dict[str, object]:
-    """What the figures were measured on, including the load."""
-    return {
+def machine(load_before: tuple[float, float, float] | None = None) -> dict[str, object]:
+    """What the figures were measured on, including the load: the one place that gathers it.
+
+    Two formats, kept apart so that committed results keep their keys:
+
+    - without ``load_before`` (``bench ops``, ``train``, ``memory``): ``platform``, ``cpu_count``,
+      ``torch``, ``threads`` and ``loadavg``, the load now;
+    - with ``load_before``, the ``os.getloadavg()`` taken when the run began (``bench infer``):
+      ``platform``, ``processor``, ``torch``, ``threads``, ``python``, ``cpus``, and the load as
+      ``loadavg_before`` and ``loadavg_after``.
+    """
+    now = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "loadavg": os.getloadavg(),
+    }
+    if load_before is None:
+        return now
+    return {
+        "platform": now["platform"],
+        "processor": platform.processor() or platform.machine(),
+        "torch": now["torch"],
+        "threads": now["threads"],
+        "python": platform.python_version(),
+        "cpus": now["cpu_count"],
+        "loadavg_before": load_before,
+        "loadavg_after": now["loadavg"],
     }

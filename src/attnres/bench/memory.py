@@ -17,11 +17,10 @@ jobs may share the machine.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from attnres.bench.measure import interleaved_medians, machine, step_memory
+from attnres.bench.measure import emit, interleaved_medians, machine, step_memory
 from attnres.bench.train import SIZES
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.model.transformer import CHECKPOINT_MODES
@@ -87,7 +86,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     """``attnres bench memory``: the table on stdout; with ``--json`` one JSON line last."""
     result = run(args)
-    print(f"bench memory, size {result['size']} {result['shape']}")
-    print(table(result))
-    if args.json:
-        print(json.dumps(result))
+    emit(f"bench memory, size {result['size']} {result['shape']}\n{table(result)}", result, args.json)

@@ -10,11 +10,10 @@ included), for ``reference`` and ``fused``; ``two_phase`` is phase 1 for a group
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from attnres.bench.measure import interleaved_medians, machine, saved_bytes
+from attnres.bench.measure import emit, interleaved_medians, machine, saved_bytes
 from attnres.ops.dispatch import use_kernels
 from attnres.ops.fused import fused_depth_read, source_rstd
 from attnres.ops.reference import depth_read
@@ -113,6 +112,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     """``attnres bench ops``: the table on stdout; with ``--json`` one JSON line last."""
     result = run(args)
-    print(table(result))
-    if args.json:
-        print(json.dumps(result))
+    emit(table(result), result, args.json)
