@@ -138,6 +138,18 @@ def profile_decode(cfg: InferBenchConfig, variant: str, batch: int = 1, steps: i
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
 
 
+@torch.no_grad()
+def profile_prefill(cfg: InferBenchConfig, variant: str, repeats: int = 2) -> str:
+    """torch.profiler table of ``repeats`` one-shot prefills of ``variant`` at the longest length."""
+    model = build(cfg, variant)
+    tokens = _tokens(cfg, 1, max(cfg.prefill_lens))
+    time_prefill(model, tokens)  # warm-up
+    with torch.profiler.profile() as prof:
+        for _ in range(repeats):
+            time_prefill(model, tokens)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
+
+
 def _workloads(cfg: InferBenchConfig) -> list[tuple[str, int, int, int | None]]:
     """(name, batch, prompt length, prefill chunk) of every measured workload."""
     rows = [(f"prefill T={T}", 1, T, None) for T in cfg.prefill_lens]
@@ -289,7 +301,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=d.repeats)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--profile", action="store_true", help="only print a decode-step profile per variant")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only print profiles per variant: 16 decode steps (batch 1), 2 prefills at the longest length",
+    )
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -309,8 +325,10 @@ def main(args: argparse.Namespace) -> dict:
     if args.profile:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        longest = max(cfg.prefill_lens)
         for v in cfg.variants:
             print(f"== decode profile: {v}, batch 1, 16 steps\n{profile_decode(cfg, v)}")
+            print(f"== prefill profile: {v}, batch 1, T={longest}, 2 prefills\n{profile_prefill(cfg, v)}")
         return {}
     results = run(cfg)
     emit(table(results), results, args.json)
