@@ -78,10 +78,15 @@ def ops_in(graphs: list[torch.fx.GraphModule]) -> set[str]:
     }
 
 
-def tiny_model(variant: str) -> Transformer:
+def tiny_model(variant: str, **residual: object) -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=61, d_model=16, n_layers=2, n_heads=2, seq_len=12, residual={"variant": variant}
+        vocab_size=61,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        seq_len=12,
+        residual={"variant": variant, **residual},
     )
     model = Transformer(cfg)
     with torch.no_grad():  # off the init, where every depth read is a uniform average
@@ -228,21 +233,33 @@ def test_train_step_compiles_fullgraph_on_native_kernels(native_kernels: None, v
         assert rel_err(q.grad, p.grad) < TOL, name
 
 
+@pytest.mark.parametrize(
+    ("impl", "native_op"), [("fused", "native_attend"), ("two_phase", "native_stack_merge")]
+)
 @pytest.mark.parametrize("variant", ["block", "full"])
-def test_decode_step_compiles_fullgraph_on_native_kernels(native_kernels: None, variant: str) -> None:
-    """One decode step after a prefill, compiled with ``fullgraph=True``; fused reads on the native op."""
-    model = tiny_model(variant).eval()
+def test_decode_step_compiles_fullgraph_on_native_kernels(
+    native_kernels: None, variant: str, impl: str, native_op: str
+) -> None:
+    """One decode step after a prefill, compiled with ``fullgraph=True``, its reads on the native ops:
+    the fused read's, or the no-grad stacked reads' (phase 1, merge fused with the norm, the partial
+    sum with its statistic, the block push; Full has no merge, every read is a group's first)."""
+    model = tiny_model(variant, **({"block_size": 2} if variant == "block" else {})).eval()
     prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(3))
     nxt = torch.randint(0, 61, (2, 1), generator=torch.Generator().manual_seed(4))
     graphs: list[torch.fx.GraphModule] = []
     step = torch.compile(decode_step, fullgraph=True, dynamic=True, backend=recording_inductor(graphs))
     logits = {}
-    with torch.no_grad(), use_impl("fused"):
+    with torch.no_grad(), use_impl(impl):
         for name, fn in (("eager", decode_step), ("compiled", step)):
             cache = KVCache(model.cfg, 2, 8)
             prefill(model, prompt, cache)
             logits[name] = fn(model, nxt, cache)
-    assert "attnres.native_attend.default" in ops_in(graphs)
+    if impl == "two_phase" and variant == "full":
+        native_op = "native_stack_norm"
+    expected = {f"attnres.{native_op}.default"}
+    if impl == "two_phase":
+        expected |= {f"attnres.native_stack_{op}.default" for op in ("phase1", "accumulate", "push")}
+    assert expected <= ops_in(graphs)
     assert rel_err(logits["compiled"], logits["eager"]) < TOL
 
 
