@@ -73,3 +73,19 @@ def merge(o: Tensor, lse: Tensor, p: Tensor, r_p: Tensor, q: Tensor) -> Tensor:
     from attnres.ops.triton.autograd import merge as merge_
 
     return merge_(o, lse, p, r_p, q)
+
+
+def stack_phase1(values: Tensor, rstd: Tensor, n: int, queries: Tensor, need_lse: bool) -> tuple[Tensor, Tensor]:
+    """Phase 1 of :func:`attnres.ops.stacked.stacked_phase1` over the stack, on the Triton kernels."""
+    from attnres.ops.triton.stacked import stack_phase1 as phase1
+
+    return phase1(values, rstd, n, queries, need_lse)
+
+
+def stack_merge(
+    o: Tensor, lse: Tensor, p: Tensor, p_rstd: Tensor, q: Tensor, weight: Tensor | None, eps: float
+) -> Tensor:
+    """The merge (+ norm) of :func:`attnres.ops.stacked.stacked_merge`, on the Triton kernels."""
+    from attnres.ops.triton.stacked import stack_merge as merge_
+
+    return merge_(o, lse, p, p_rstd, q, weight, eps)
