@@ -1,6 +1,7 @@
-"""Triton kernels of the depth attend and the phase-2 merge (launched by :mod:`.autograd`).
+"""Triton kernels of the depth attend and the phase-2 merge (launched by :mod:`.autograd`), and of the
+no-grad reads over a stack of blocks (launched by :mod:`.stacked`; layouts in their section below).
 
-Importing this module imports Triton; only :mod:`attnres.ops.triton.autograd` does, lazily.
+Importing this module imports Triton; only :mod:`.autograd` and :mod:`.stacked` do, lazily.
 
 Layouts (``M`` tokens, ``d`` channels, ``S ≤ 8`` queries, statistics dtype ``cd``):
 
@@ -342,7 +343,7 @@ def stack_logits_kernel(
 
 @triton.jit
 def stack_output_kernel(
-    values_ptr, z_ptr, out_ptr, lse_ptr, n, M, d, S,
+    values_ptr, z_ptr, outs_ptr, lse_ptr, n, M, d, S,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NEED_LSE: tl.constexpr,
 ):  # fmt: skip
     """Phase 1, pass 2 (grid: token blocks × channel blocks × query blocks): ``o_s = Σ_j α_sj v_j``.
@@ -351,7 +352,7 @@ def stack_output_kernel(
     token, a negligible repeat across channel blocks; the first channel block stores it when
     ``NEED_LSE``), then adds the weighted sources of its channel block. Writes ``outs [M, S, d]``.
     """
-    cd: tl.constexpr = out_ptr.dtype.element_ty
+    cd: tl.constexpr = outs_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -367,7 +368,7 @@ def stack_output_kernel(
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
         run_max = new_max
     lse = run_max + tl.log(run_sum)
-    if NEED_LSE:
+    if NEED_LSE:  # noqa: SIM102 (a compile-time test, then a runtime one: Triton keeps them apart)
         if tl.program_id(1) == 0:
             tl.store(lse_ptr + offs, lse, mask=mask)
     acc = tl.zeros([BLOCK_M, BLOCK_S, BLOCK_D], cd)
@@ -377,7 +378,7 @@ def stack_output_kernel(
         acc += alpha[:, :, None] * v[:, None, :]
     # outs is [M, S, d]: element (m, s, c) lives at (m·S + s)·d + c
     o_offs = offs[:, :, None] * d + cols[None, None, :]
-    tl.store(out_ptr + o_offs, acc, mask=mask[:, :, None] & col_mask[None, None, :])
+    tl.store(outs_ptr + o_offs, acc, mask=mask[:, :, None] & col_mask[None, None, :])
 
 
 @triton.jit
@@ -388,7 +389,7 @@ def _merge_weight(p, q, r_p, lse):
 
 @triton.jit
 def _inv_rms(sum_sq, d, eps, cd: tl.constexpr):
-    """``1 / sqrt(Σ h² / d + eps)``, the square root rounded to nearest (``tl.sqrt`` is approximate in fp32)."""
+    """``1 / sqrt(Σ h² / d + eps)``, the root rounded to nearest (``tl.sqrt`` is approximate in fp32)."""
     if cd == tl.float64:
         return 1.0 / tl.sqrt(sum_sq / d + eps)  # float64 has no approximate square root
     else:

@@ -5,7 +5,7 @@
 as ``torch.library.custom_op``\\ s with fake implementations, so ``torch.compile(fullgraph=True)``
 keeps each as one node. They have no backward: :mod:`attnres.ops.stacked` calls them only with
 gradients disabled, and they refuse inputs that require a gradient while grad mode is on (an op
-without an autograd formula would otherwise return an output that silently drops the gradient).
+without an autograd formula would otherwise fail only later, in the backward).
 Importing this module imports Triton.
 
 **Phase 1**, two launches for any number of blocks ``n`` (the stack is one tensor, so a block is an
@@ -39,7 +39,7 @@ import torch
 import triton
 from torch import Tensor
 
-from attnres.ops.triton import kernels
+from attnres.ops.triton import autograd, kernels
 
 _TILE = 4096  # elements per register tile ([BLOCK_M, BLOCK_S, BLOCK_D] or [BLOCK_M, BLOCK_D])
 MAX_BLOCK_S = 8  # queries per program; more run as further programs along the grid's last axis
@@ -47,8 +47,8 @@ ONE_TILE_MAX = 4096  # the merge keeps a whole row in registers up to this d
 
 
 def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Every buffer a kernel writes is allocated here, so tests can poison it with NaN."""
-    return torch.empty(shape, dtype=dtype, device=device)
+    """A kernel buffer, from the allocator of the training ops (the one place tests poison with NaN)."""
+    return autograd._empty(shape, dtype, device)
 
 
 def _refuse_grad(op: str, *tensors: Tensor | None) -> None:
@@ -149,7 +149,9 @@ def _(
     return p.new_empty(p.shape)
 
 
-def stack_phase1(values: Tensor, rstd: Tensor, n: int, queries: Tensor, need_lse: bool) -> tuple[Tensor, Tensor]:
+def stack_phase1(
+    values: Tensor, rstd: Tensor, n: int, queries: Tensor, need_lse: bool
+) -> tuple[Tensor, Tensor]:
     """:func:`triton_stack_phase1`, refusing inputs that require a gradient under grad mode."""
     _refuse_grad("triton_stack_phase1", values, rstd, queries)
     return triton_stack_phase1(values, rstd, n, queries, need_lse)
