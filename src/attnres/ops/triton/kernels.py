@@ -326,18 +326,18 @@ def stack_logits_kernel(
     cd: tl.constexpr = q_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    j = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(1)
     qs = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
     q_mask = qs < S
     cols = tl.arange(0, BLOCK_D)
-    v_ptr = values_ptr + j * M * d
+    stack_rows = j * M + rows  # rows of the [C·M, d] stack (and of z [n·M, S]), int64
     dot = tl.zeros([BLOCK_M, BLOCK_S], cd)
     for d0 in range(0, d, BLOCK_D):
-        v = _tile(v_ptr, rows, d0 + cols, row_mask, d, cd)  # [BM, BD]
+        v = _tile(values_ptr, stack_rows, d0 + cols, row_mask, d, cd)  # [BM, BD]
         q = _tile(q_ptr, qs, d0 + cols, q_mask, d, cd)  # [BS, BD]
         dot += tl.sum(v[:, None, :] * q[None, :, :], axis=2)  # [BM, BS]
-    r = tl.load(rstd_ptr + j * M + rows, mask=row_mask, other=0.0)
-    offs = j * M * S + rows[:, None] * S + qs[None, :]
+    r = tl.load(rstd_ptr + stack_rows, mask=row_mask, other=0.0)
+    offs = stack_rows[:, None] * S + qs[None, :]
     tl.store(z_ptr + offs, dot * r[:, None], mask=row_mask[:, None] & q_mask[None, :])
 
 
@@ -363,7 +363,7 @@ def stack_output_kernel(
     run_max = tl.full([BLOCK_M, BLOCK_S], float("-inf"), cd)
     run_sum = tl.zeros([BLOCK_M, BLOCK_S], cd)
     for j in range(n):
-        z = tl.load(z_ptr + j * M * S + offs, mask=mask, other=0.0)
+        z = tl.load(z_ptr + (j * M + rows)[:, None] * S + qs[None, :], mask=mask, other=0.0)
         new_max = tl.maximum(run_max, z)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
         run_max = new_max
@@ -373,8 +373,9 @@ def stack_output_kernel(
             tl.store(lse_ptr + offs, lse, mask=mask)
     acc = tl.zeros([BLOCK_M, BLOCK_S, BLOCK_D], cd)
     for j in range(n):
-        alpha = tl.exp(tl.load(z_ptr + j * M * S + offs, mask=mask, other=0.0) - lse)  # [BM, BS]
-        v = _tile(values_ptr + j * M * d, rows, cols, row_mask, d, cd)  # [BM, BD]
+        stack_rows = j * M + rows  # int64, as every offset below
+        alpha = tl.exp(tl.load(z_ptr + stack_rows[:, None] * S + qs[None, :], mask=mask, other=0.0) - lse)
+        v = _tile(values_ptr, stack_rows, cols, row_mask, d, cd)  # [BM, BD]
         acc += alpha[:, :, None] * v[:, None, :]
     # outs is [M, S, d]: element (m, s, c) lives at (m·S + s)·d + c
     o_offs = offs[:, :, None] * d + cols[None, None, :]
@@ -382,9 +383,9 @@ def stack_output_kernel(
 
 
 @triton.jit
-def _merge_weight(p, q, r_p, lse):
-    """``σ(r_p (p · q) − lse)`` per token of a ``[BLOCK_M, BLOCK_D]`` tile."""
-    return 1.0 / (1.0 + tl.exp(lse - tl.sum(p * q[None, :], axis=1) * r_p))
+def _merge_weight(dot, r_p, lse):
+    """``σ(r_p (p · q) − lse)`` per token, given ``dot = p · q``."""
+    return 1.0 / (1.0 + tl.exp(lse - dot * r_p))
 
 
 @triton.jit
@@ -422,7 +423,7 @@ def stack_merge_kernel(
         p = tl.load(p_ptr + rows[:, None] * p_row + cols[None, :], mask=mask, other=0.0).to(cd)
         o = tl.load(o_ptr + rows[:, None] * o_row + cols[None, :], mask=mask, other=0.0)
         q = tl.load(q_ptr + cols, mask=cols < d, other=0.0)
-        sig = _merge_weight(p, q, r_p, lse)
+        sig = _merge_weight(tl.sum(p * q[None, :], axis=1), r_p, lse)
         h = o + sig[:, None] * (p - o)
         if NORM:
             scale = _inv_rms(tl.sum(h * h, axis=1), d, eps, cd)
@@ -436,7 +437,7 @@ def stack_merge_kernel(
             p = tl.load(p_ptr + rows[:, None] * p_row + d0 + cols[None, :], mask=mask, other=0.0).to(cd)
             q = tl.load(q_ptr + d0 + cols, mask=d0 + cols < d, other=0.0)
             dot += tl.sum(p * q[None, :], axis=1)
-        sig = 1.0 / (1.0 + tl.exp(lse - dot * r_p))
+        sig = _merge_weight(dot, r_p, lse)
         scale = tl.full([BLOCK_M], 1.0, cd)
         if NORM:
             sq = tl.zeros([BLOCK_M], cd)

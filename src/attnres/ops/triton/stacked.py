@@ -105,6 +105,7 @@ def _(values: Tensor, rstd: Tensor, n: int, queries: Tensor, need_lse: bool) -> 
 
 def _merge_meta(m: int, d: int) -> dict[str, int]:
     one_tile = d <= ONE_TILE_MAX
+    # past ONE_TILE_MAX, tiles of 1024 (or of ONE_TILE_MAX where a test lowers it to sweep small rows)
     block_d = triton.next_power_of_2(d) if one_tile else min(1024, triton.next_power_of_2(ONE_TILE_MAX))
     block_m = max(1, min(64, triton.next_power_of_2(m), _TILE // block_d))
     return {"BLOCK_M": block_m, "BLOCK_D": block_d, "ONE_TILE": one_tile}
