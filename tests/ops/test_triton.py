@@ -226,8 +226,9 @@ def test_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.slow  # ~30 s on 2 cores; ./run.sh test (CI) runs it
 def test_kernels_compile_for_gpu() -> None:
-    """Every kernel compiles to a cubin for sm_90 (ptxas ships with Triton), in a process without the
-    interpreter: the interpreter runs any Python, so it cannot catch what the GPU compiler rejects."""
+    """Every kernel, training and no-grad, compiles to a cubin for sm_90 (ptxas ships with Triton), in a
+    process without the interpreter: the interpreter runs any Python, so it cannot catch what the GPU
+    compiler rejects."""
     script = textwrap.dedent("""
         import re
         import triton
@@ -235,16 +236,24 @@ def test_kernels_compile_for_gpu() -> None:
         from triton.compiler import ASTSource
         from attnres.ops.triton import kernels as k
 
-        STREAM = re.compile(r"^(v|dv)[0-7]$|^(p|out|dp|g)_ptr$")  # stream-dtype pointers
+        STREAM = re.compile(r"^(v|dv)[0-7]$|^(p|out|dp|g|w)_ptr$")  # stream-dtype pointers
+        INTS = {"M", "d", "S", "n", "o_row", "lse_step", "p_row", "rp_step"}
         ATTEND = dict(N_SLOTS=8, S=3, S_PAD=4, BLOCK_M=8, BLOCK_D=128, ACCUM=True)
         MERGE = dict(BLOCK_M=16, BLOCK_D=256)
+        STACK = dict(BLOCK_M=4, BLOCK_S=8, BLOCK_D=128)  # the no-grad reads over a stack
+        variants = [
+            (k.attend_logits_kernel, ATTEND), (k.attend_output_kernel, ATTEND),
+            (k.attend_grad_stats_kernel, ATTEND), (k.attend_grad_kernel, ATTEND),
+            (k.merge_kernel, dict(MERGE, SAVE_H=True)), (k.merge_grad_kernel, MERGE),
+            (k.stack_logits_kernel, STACK), (k.stack_output_kernel, dict(STACK, NEED_LSE=True)),
+        ]
+        variants += [  # the merge + norm: a row in one tile, and swept in tiles
+            (k.stack_merge_kernel, dict(BLOCK_M=m, BLOCK_D=bd, NORM=norm, ONE_TILE=one))
+            for m, bd, one in [(2, 2048, True), (4, 1024, False)] for norm in (True, False)
+        ]
         for stream, cd in [("bf16", "fp32"), ("fp64", "fp64")]:
-            for kernel, consts in [
-                (k.attend_logits_kernel, ATTEND), (k.attend_output_kernel, ATTEND),
-                (k.attend_grad_stats_kernel, ATTEND), (k.attend_grad_kernel, ATTEND),
-                (k.merge_kernel, dict(MERGE, SAVE_H=True)), (k.merge_grad_kernel, MERGE),
-            ]:
-                sig = {a: "constexpr" if a in consts else "i32" if a in ("M", "d")
+            for kernel, consts in variants:
+                sig = {a: "constexpr" if a in consts else "i32" if a in INTS else "fp32" if a == "eps"
                        else "*" + (stream if STREAM.match(a) else cd) for a in kernel.arg_names}
                 src = ASTSource(kernel, sig, constexprs=consts)
                 assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnres.ops import native
+from attnres.ops import triton as triton_ops
 from attnres.ops.dispatch import kernels_for
 from attnres.ops.fused import rstd_stat
 from attnres.ops.precision import no_autocast, stats_dtype
@@ -86,8 +87,10 @@ def stacked_phase1(stack: SourceStack, queries: Tensor, need_lse: bool) -> tuple
     n, tokens, d = stack.size, stack.values.shape[1], stack.values.shape[2]
     if n < 1:
         raise ValueError("phase 1 needs at least one completed block on the stack")
-    if kernels_for(stack.values) == "native":
-        outs, lse = native.stack_phase1(stack.values, stack.rstd, n, queries.contiguous(), need_lse)
+    kernels = kernels_for(stack.values)
+    if kernels in ("native", "triton"):
+        phase1 = native.stack_phase1 if kernels == "native" else triton_ops.stack_phase1
+        outs, lse = phase1(stack.values, stack.rstd, n, queries.contiguous(), need_lse)
         return outs, lse if need_lse else None
     values = stack.values[:n]  # [n, M, d], contiguous
     logits = torch.mm(values.view(n * tokens, d), queries.T).view(n, tokens, -1)  # [n, M, S]
@@ -133,10 +136,10 @@ def stacked_merge(
         norm_weight = norm_weight.to(partial.dtype)
         norm_eps = torch.finfo(partial.dtype).eps if norm_eps is None else norm_eps
     p_rows = partial.reshape(o.shape)  # [M, d]; a view unless the partial is a strided view
-    if kernels_for(partial) == "native":
-        out = native.stack_merge(
-            o, lse, p_rows, partial_rstd.reshape(lse.shape), query, norm_weight, norm_eps or 0.0
-        )
+    kernels = kernels_for(partial)
+    if kernels in ("native", "triton"):
+        merge = native.stack_merge if kernels == "native" else triton_ops.stack_merge
+        out = merge(o, lse, p_rows, partial_rstd.reshape(lse.shape), query, norm_weight, norm_eps or 0.0)
         return out.view(partial.shape)
     p = p_rows.to(o.dtype)
     weight = torch.mv(p, query).mul_(partial_rstd.view(lse.shape)).sub_(lse).sigmoid_()  # [M]

@@ -1,10 +1,21 @@
-"""The GPU path: Triton kernels for the depth attend and the phase-2 merge, forward and backward.
+"""The GPU path: Triton kernels for the depth reads, training (forward and backward) and no-grad.
 
 Optional: this package imports Triton only when a kernel is called, so ``import attnres`` and
 every CPU path work without it (install it with ``pip install 'attnres[gpu]'``).
 :mod:`attnres.ops.dispatch` decides when these kernels run (CUDA tensors, Triton installed, by
-default); they replace the PyTorch bodies of :func:`attnres.ops.fused.depth_attend` and of the
-merge in :func:`attnres.ops.two_phase.phase2_merge`, with the same contracts and math:
+default). The kernels (:mod:`.kernels`) and their custom ops:
+
+* training, :mod:`.autograd` (``attnres::triton_attend``, ``attnres::triton_merge`` and their
+  backwards): the bodies of :func:`attnres.ops.fused.depth_attend` and of the merge in
+  :func:`attnres.ops.two_phase.phase2_merge` (``attend_logits_kernel``, ``attend_output_kernel``,
+  ``attend_grad_stats_kernel``, ``attend_grad_kernel``, ``merge_kernel``, ``merge_grad_kernel``);
+* inference without gradients, :mod:`.stacked` (``attnres::triton_stack_phase1``,
+  ``attnres::triton_stack_merge``, the twins of the native stack ops): phase 1 of
+  :func:`attnres.ops.stacked.stacked_phase1` over the stack of completed blocks
+  (``stack_logits_kernel``, ``stack_output_kernel``, one launch each for any number of blocks) and
+  the merge of :func:`attnres.ops.stacked.stacked_merge`, optionally fused with the RMSNorm that
+  consumes the read (``stack_merge_kernel``). Their design is in :mod:`.stacked`; what follows
+  describes the training kernels, whose contracts and math they share where they overlap:
 
 * statistics in fp32 (fp64 for fp64 sources) whatever the stream dtype; outputs cast as the
   PyTorch path casts them (attend outputs and ``lse`` in the statistics dtype, the merge output
@@ -37,9 +48,10 @@ the gradients). Why this and not the alternatives:
 The ``S`` gradients of the backward are pointer slots too, so one autograd call takes at most
 eight queries; phase 1 of a larger group runs as several calls (each reads the sources once).
 
-**Testing.** ``tests/ops/test_triton.py`` runs every kernel on CPU under Triton's interpreter
-(``TRITON_INTERPRET=1``) against :mod:`attnres.ops.reference` and the PyTorch fast path, with
-NaN-filled buffers, and compiles each kernel for sm_90 without a GPU. The interpreter
+**Testing.** ``tests/ops/test_triton.py`` (training) and ``tests/ops/test_triton_stacked.py``
+(no-grad) run every kernel on CPU under Triton's interpreter (``TRITON_INTERPRET=1``) against
+:mod:`attnres.ops.reference` and the PyTorch fast path, with NaN-filled buffers, and compile each
+kernel for sm_90 without a GPU. The interpreter
 rounds fp32 → bf16 stores toward zero, the GPU to nearest; bf16 tolerances cover both. Block
 sizes are fixed heuristics, not tuned, and the kernels have not yet been timed on a GPU.
 """
@@ -73,3 +85,21 @@ def merge(o: Tensor, lse: Tensor, p: Tensor, r_p: Tensor, q: Tensor) -> Tensor:
     from attnres.ops.triton.autograd import merge as merge_
 
     return merge_(o, lse, p, r_p, q)
+
+
+def stack_phase1(
+    values: Tensor, rstd: Tensor, n: int, queries: Tensor, need_lse: bool
+) -> tuple[Tensor, Tensor]:
+    """Phase 1 of :func:`attnres.ops.stacked.stacked_phase1` over the stack, on the Triton kernels."""
+    from attnres.ops.triton.stacked import stack_phase1 as phase1
+
+    return phase1(values, rstd, n, queries, need_lse)
+
+
+def stack_merge(
+    o: Tensor, lse: Tensor, p: Tensor, p_rstd: Tensor, q: Tensor, weight: Tensor | None, eps: float
+) -> Tensor:
+    """The merge (+ norm) of :func:`attnres.ops.stacked.stacked_merge`, on the Triton kernels."""
+    from attnres.ops.triton.stacked import stack_merge as merge_
+
+    return merge_(o, lse, p, p_rstd, q, weight, eps)

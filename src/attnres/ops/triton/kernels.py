@@ -1,6 +1,7 @@
-"""Triton kernels of the depth attend and the phase-2 merge (launched by :mod:`.autograd`).
+"""Triton kernels of the depth attend and the phase-2 merge (launched by :mod:`.autograd`), and of the
+no-grad reads over a stack of blocks (launched by :mod:`.stacked`; layouts in their section below).
 
-Importing this module imports Triton; only :mod:`attnres.ops.triton.autograd` does, lazily.
+Importing this module imports Triton; only :mod:`.autograd` and :mod:`.stacked` do, lazily.
 
 Layouts (``M`` tokens, ``d`` channels, ``S ≤ 8`` queries, statistics dtype ``cd``):
 
@@ -303,3 +304,156 @@ def merge_grad_kernel(
         tl.store(dp_ptr + tile, d_p.to(dp_ptr.dtype.element_ty), mask=mask)
         dq = tl.sum(coef[:, None] * p, axis=0)  # this block's share of ∂q  [BD]
         tl.store(dq_ptr + pid.to(tl.int64) * d + d0 + cols, dq, mask=d0 + cols < d)
+
+
+# --- no-grad reads over a stack of blocks (attnres.ops.stacked) ------------------------------------
+# The stack is one tensor, values [C, M, d] and rstd [C, M, 1] (statistics dtype, contiguous), so a
+# source is an offset, not a pointer argument: the source index is a grid axis (phase 1) or a loop
+# bound (the output pass), a runtime value, and one launch per pass serves any n without a
+# recompile. Queries are tiled by BLOCK_S (S itself is a runtime value too).
+
+
+@triton.jit
+def stack_logits_kernel(
+    values_ptr, rstd_ptr, q_ptr, z_ptr, M, d, S,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Phase 1, pass 1 (grid: token blocks × sources × query blocks): ``z_js = r_j (v_j · q_s)``.
+
+    One program per (token block, source, query block), so the dots of every source run in
+    parallel; ``z [n, M, S]`` in the statistics dtype.
+    """
+    cd: tl.constexpr = q_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    j = tl.program_id(1)
+    qs = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
+    q_mask = qs < S
+    cols = tl.arange(0, BLOCK_D)
+    stack_rows = j * M + rows  # rows of the [C·M, d] stack (and of z [n·M, S]), int64
+    dot = tl.zeros([BLOCK_M, BLOCK_S], cd)
+    for d0 in range(0, d, BLOCK_D):
+        v = _tile(values_ptr, stack_rows, d0 + cols, row_mask, d, cd)  # [BM, BD]
+        q = _tile(q_ptr, qs, d0 + cols, q_mask, d, cd)  # [BS, BD]
+        dot += tl.sum(v[:, None, :] * q[None, :, :], axis=2)  # [BM, BS]
+    r = tl.load(rstd_ptr + stack_rows, mask=row_mask, other=0.0)
+    offs = stack_rows[:, None] * S + qs[None, :]
+    tl.store(z_ptr + offs, dot * r[:, None], mask=row_mask[:, None] & q_mask[None, :])
+
+
+@triton.jit
+def stack_output_kernel(
+    values_ptr, z_ptr, outs_ptr, lse_ptr, n, M, d, S,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, NEED_LSE: tl.constexpr,
+):  # fmt: skip
+    """Phase 1, pass 2 (grid: token blocks × channel blocks × query blocks): ``o_s = Σ_j α_sj v_j``.
+
+    Each program folds the ``n`` logits of its tokens into ``lse`` itself (``n · S`` numbers per
+    token, a negligible repeat across channel blocks; the first channel block stores it when
+    ``NEED_LSE``), then adds the weighted sources of its channel block. Writes ``outs [M, S, d]``.
+    """
+    cd: tl.constexpr = outs_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < d
+    qs = tl.program_id(2) * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = row_mask[:, None] & (qs < S)[None, :]  # [BM, BS]
+    offs = rows[:, None] * S + qs[None, :]
+    run_max = tl.full([BLOCK_M, BLOCK_S], float("-inf"), cd)
+    run_sum = tl.zeros([BLOCK_M, BLOCK_S], cd)
+    for j in range(n):
+        z = tl.load(z_ptr + (j * M + rows)[:, None] * S + qs[None, :], mask=mask, other=0.0)
+        new_max = tl.maximum(run_max, z)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
+        run_max = new_max
+    lse = run_max + tl.log(run_sum)
+    if NEED_LSE:  # noqa: SIM102 (a compile-time test, then a runtime one: Triton keeps them apart)
+        if tl.program_id(1) == 0:
+            tl.store(lse_ptr + offs, lse, mask=mask)
+    acc = tl.zeros([BLOCK_M, BLOCK_S, BLOCK_D], cd)
+    for j in range(n):
+        stack_rows = j * M + rows  # int64, as every offset below
+        alpha = tl.exp(tl.load(z_ptr + stack_rows[:, None] * S + qs[None, :], mask=mask, other=0.0) - lse)
+        v = _tile(values_ptr, stack_rows, cols, row_mask, d, cd)  # [BM, BD]
+        acc += alpha[:, :, None] * v[:, None, :]
+    # outs is [M, S, d]: element (m, s, c) lives at (m·S + s)·d + c
+    o_offs = offs[:, :, None] * d + cols[None, None, :]
+    tl.store(outs_ptr + o_offs, acc, mask=mask[:, :, None] & col_mask[None, None, :])
+
+
+@triton.jit
+def _merge_weight(dot, r_p, lse):
+    """``σ(r_p (p · q) − lse)`` per token, given ``dot = p · q``."""
+    return 1.0 / (1.0 + tl.exp(lse - dot * r_p))
+
+
+@triton.jit
+def _inv_rms(sum_sq, d, eps, cd: tl.constexpr):
+    """``1 / sqrt(Σ h² / d + eps)``, the root rounded to nearest (``tl.sqrt`` is approximate in fp32)."""
+    if cd == tl.float64:
+        return 1.0 / tl.sqrt(sum_sq / d + eps)  # float64 has no approximate square root
+    else:
+        return 1.0 / tl.sqrt_rn(sum_sq / d + eps)
+
+
+@triton.jit
+def stack_merge_kernel(
+    o_ptr, o_row, lse_ptr, lse_step, p_ptr, p_row, rp_ptr, rp_step, q_ptr, w_ptr, out_ptr, M, d, eps,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NORM: tl.constexpr, ONE_TILE: tl.constexpr,
+):  # fmt: skip
+    """Phase 2 (grid: token blocks): ``h = o + σ(r_p (p · q) − lse)(p − o)``, then, when ``NORM``,
+    ``h · rsqrt(mean(h²) + eps) · w``, rounded once to the output's (the partial's) dtype.
+
+    ``o`` and ``p`` are ``[M, d]`` with row strides ``o_row``, ``p_row`` (unit stride along ``d``),
+    ``lse`` and ``r_p`` ``[M]`` with element strides; ``q [d]`` and ``w [d]`` contiguous; the output
+    ``[M, d]`` contiguous. ``ONE_TILE`` (``BLOCK_D ≥ d``): each row is read once and stays in
+    registers. Otherwise the row is swept in ``BLOCK_D`` tiles: ``p · q`` first, then (with the
+    norm) ``Σ h²``, then ``h`` is recomputed tile by tile and stored, so nothing is rounded twice.
+    """
+    cd: tl.constexpr = q_ptr.dtype.element_ty
+    out_ty: tl.constexpr = out_ptr.dtype.element_ty
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols = tl.arange(0, BLOCK_D)
+    lse = tl.load(lse_ptr + rows * lse_step, mask=row_mask, other=0.0)
+    r_p = tl.load(rp_ptr + rows * rp_step, mask=row_mask, other=0.0)
+    if ONE_TILE:
+        mask = row_mask[:, None] & (cols < d)[None, :]
+        p = tl.load(p_ptr + rows[:, None] * p_row + cols[None, :], mask=mask, other=0.0).to(cd)
+        o = tl.load(o_ptr + rows[:, None] * o_row + cols[None, :], mask=mask, other=0.0)
+        q = tl.load(q_ptr + cols, mask=cols < d, other=0.0)
+        sig = _merge_weight(tl.sum(p * q[None, :], axis=1), r_p, lse)
+        h = o + sig[:, None] * (p - o)
+        if NORM:
+            scale = _inv_rms(tl.sum(h * h, axis=1), d, eps, cd)
+            w = tl.load(w_ptr + cols, mask=cols < d, other=0.0).to(cd)
+            h = h * scale[:, None] * w[None, :]
+        tl.store(out_ptr + rows[:, None] * d + cols[None, :], h.to(out_ty), mask=mask)
+    else:
+        dot = tl.zeros([BLOCK_M], cd)
+        for d0 in range(0, d, BLOCK_D):
+            mask = row_mask[:, None] & (d0 + cols < d)[None, :]
+            p = tl.load(p_ptr + rows[:, None] * p_row + d0 + cols[None, :], mask=mask, other=0.0).to(cd)
+            q = tl.load(q_ptr + d0 + cols, mask=d0 + cols < d, other=0.0)
+            dot += tl.sum(p * q[None, :], axis=1)
+        sig = _merge_weight(dot, r_p, lse)
+        scale = tl.full([BLOCK_M], 1.0, cd)
+        if NORM:
+            sq = tl.zeros([BLOCK_M], cd)
+            for d0 in range(0, d, BLOCK_D):
+                mask = row_mask[:, None] & (d0 + cols < d)[None, :]
+                p = tl.load(p_ptr + rows[:, None] * p_row + d0 + cols[None, :], mask=mask, other=0.0).to(cd)
+                o = tl.load(o_ptr + rows[:, None] * o_row + d0 + cols[None, :], mask=mask, other=0.0)
+                h = o + sig[:, None] * (p - o)
+                sq += tl.sum(h * h, axis=1)
+            scale = _inv_rms(sq, d, eps, cd)
+        for d0 in range(0, d, BLOCK_D):
+            mask = row_mask[:, None] & (d0 + cols < d)[None, :]
+            p = tl.load(p_ptr + rows[:, None] * p_row + d0 + cols[None, :], mask=mask, other=0.0).to(cd)
+            o = tl.load(o_ptr + rows[:, None] * o_row + d0 + cols[None, :], mask=mask, other=0.0)
+            h = o + sig[:, None] * (p - o)
+            if NORM:
+                w = tl.load(w_ptr + d0 + cols, mask=d0 + cols < d, other=0.0).to(cd)
+                h = h * scale[:, None] * w[None, :]
+            tl.store(out_ptr + rows[:, None] * d + d0 + cols[None, :], h.to(out_ty), mask=mask)
