@@ -16,8 +16,10 @@ block of code (tests and benchmarks), overriding the config.
 Kernels, orthogonal to the implementation: ``fused`` and ``two_phase`` run their depth attend (and
 ``two_phase`` its merge) as PyTorch ops (``torch``), as the Triton kernels of
 :mod:`attnres.ops.triton` (``triton``), or as the native C++ kernels of :mod:`attnres.ops.native`
-(``native``, CPU; the depth attend only). ``auto`` (default) picks Triton for CUDA tensors when
-Triton is installed, the native kernels for CPU tensors when they build, and PyTorch otherwise
+(``native``, CPU: with gradients the depth attend, its merge stays PyTorch ops; without gradients
+every step of the stacked reads of :mod:`attnres.ops.stacked`). ``auto`` (default) picks Triton for
+CUDA tensors when Triton is installed, the native kernels for CPU tensors when they build, and PyTorch
+otherwise
 (:func:`kernels_for`; the same under ``torch.compile``). Force one with :func:`use_kernels` or, for a
 whole process, the environment variable ``ATTNRES_KERNELS`` (``torch`` compares against the
 PyTorch ops; ``triton`` on CPU runs Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set
