@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = bench.add_parser(verb, help=text)
         _add_arguments(f"attnres.bench.{verb}", p)
         p.set_defaults(func=lambda args, extra, verb=verb: _run(f"attnres.bench.{verb}", args, extra))
-    from attnres.distributed.bench import register_pipeline_bench
+    from attnres.bench.pipeline import register_pipeline_bench
 
     p = register_pipeline_bench(bench)
     pipeline_main = p.get_default("func")  # takes only the parsed arguments

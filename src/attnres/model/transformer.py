@@ -2,7 +2,7 @@
 
 Every attention and every MLP is one *sublayer* with its own pre-norm. How sublayer inputs are
 formed from earlier outputs is entirely the residual scheme's job (``attnres.residuals``), so the
-loop in :meth:`Transformer.hidden` never branches on the variant.
+loop (:meth:`Transformer.run_sublayers`) never branches on the variant.
 """
 
 from __future__ import annotations
@@ -321,23 +321,39 @@ class Transformer(nn.Module):
             for start in range(0, L, size):
                 state = self._recomputed_group(state, range(start, min(start + size, L)), cos, sin)
             return self.residual.resume(state, L)
-        return self._run_sublayers(
-            state, range(L), cos, sin, cache, recompute=mode == "sublayer", layer_inputs=layer_inputs
+        return self.run_sublayers(
+            state, 0, L, cos, sin, cache, recompute=mode == "sublayer", layer_inputs=layer_inputs
         )
 
-    def _run_sublayers(
+    def run_sublayers(
         self,
         state: Any,
-        layers: range,
+        start: int,
+        stop: int,
         cos: Tensor,
         sin: Tensor,
-        cache: KVCache | None,
-        recompute: bool,
+        cache: KVCache | None = None,
+        recompute: bool = False,
         layer_inputs: list[Tensor] | None = None,
     ) -> Any:
-        """The residual state after sublayers ``layers``; ``recompute``: checkpoint each ``f_l(h)``;
-        ``layer_inputs``: as in :meth:`hidden`."""
-        for layer in layers:
+        """The residual state after sublayers ``start … stop-1`` ran on ``state``: the sublayer loop.
+
+        :meth:`hidden` runs it over every sublayer (or per checkpointed group), and a pipeline chunk
+        over the sublayers it owns (``attnres.distributed.pipeline``). It reads only ``self.residual``
+        and ``self.sublayers[l]`` for the global sublayer index ``l``, which a chunk provides too.
+
+        Args:
+            state: the residual state before sublayer ``start``.
+            start, stop: the sublayers to run, ``start <= stop``.
+            cos, sin: RoPE tables for the tokens (see :meth:`hidden`).
+            cache: a :class:`KVCache` the attention sublayers append to, or ``None``.
+            recompute: checkpoint each sublayer ``f_l(h)`` (``"sublayer"`` activation checkpointing).
+            layer_inputs: as in :meth:`hidden`.
+
+        Unless ``recompute`` or ``layer_inputs`` needs the input before its norm, each read goes
+        through ``residual.normed_input`` (without gradients AttnRes fuses the pre-norm into it).
+        """
+        for layer in range(start, stop):
             sublayer = self.sublayers[layer]
             if recompute or layer_inputs is not None:  # these need the input before its norm
                 h = self.residual.layer_input(state, layer)
@@ -358,7 +374,7 @@ class Transformer(nn.Module):
 
         def run(carried: Any) -> Any:
             resumed = self.residual.resume(carried, layers.start)
-            return self.residual.carry(self._run_sublayers(resumed, layers, cos, sin, None, False))
+            return self.residual.carry(self.run_sublayers(resumed, layers.start, layers.stop, cos, sin))
 
         return checkpoint(run, self.residual.carry(state), use_reentrant=False)
 

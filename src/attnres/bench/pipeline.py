@@ -221,7 +221,7 @@ def register_pipeline_bench(subparsers: argparse._SubParsersAction) -> argparse.
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m attnres.distributed.bench")
+    parser = argparse.ArgumentParser(prog="python -m attnres.bench.pipeline")
     register_pipeline_bench(parser.add_subparsers(required=True))
     parsed = parser.parse_args()
     parsed.func(parsed)
