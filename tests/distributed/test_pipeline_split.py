@@ -27,6 +27,7 @@ from attnres.distributed.pipeline import (
     split_model,
 )
 from attnres.model import ModelConfig, Transformer, lm_loss
+from attnres.model import transformer as transformer_module
 from attnres.ops.dispatch import use_impl
 from attnres.residuals import ResidualConfig
 from attnres.residuals.attnres import DepthState
@@ -234,6 +235,50 @@ def test_chained_chunks_equal_the_reference_model(
             torch.testing.assert_close(p.grad, expected, rtol=grad_tol, atol=grad_tol * 1e-2)
             seen[name] += 1
     assert all(seen.values()), f"parameters owned by no chunk: {[n for n, k in seen.items() if not k]}"
+
+
+@pytest.mark.parametrize("mode", ["sublayer", "block"])
+@pytest.mark.parametrize(
+    "variant,block_size,n_layers,pp,vpp",
+    [("block", 3, 4, 2, 2), ("full", None, 3, 2, 2), ("prenorm", None, 4, 2, 1)],
+)
+def test_chunks_under_activation_checkpointing_give_the_model_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    variant: str,
+    block_size: int | None,
+    n_layers: int,
+    pp: int,
+    vpp: int,
+) -> None:
+    """Chunks of a model set to recompute (``sublayer``, or ``block`` with groups cut by the chunk
+    bounds: Block S=3 in chunks of 2 sublayers) give the gradients of the model without it (fp64)."""
+    calls = []
+    real = transformer_module.checkpoint
+    monkeypatch.setattr(transformer_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _model(variant, block_size, n_layers)
+    model.set_activation_checkpointing(mode)
+    _, chunks = split_model(model, pp, vpp)
+    model.set_activation_checkpointing("none")
+    tokens = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    targets = tokens.roll(1, dims=1)
+    state = tokens
+    with use_impl("fused"):
+        for chunk in chunks:
+            state = chunk(_as_received(state))
+        assert calls, "no sublayer was recomputed"
+        calls.clear()
+        ref_logits = model(tokens)
+    assert not calls
+    torch.testing.assert_close(state, ref_logits, rtol=1e-12, atol=1e-12)
+    lm_loss(state, targets).backward()
+    lm_loss(ref_logits, targets).backward()
+    ref = dict(model.named_parameters())
+    for chunk in chunks:
+        for local, p in chunk.named_parameters():
+            name, rows = chunk.global_names()[local]
+            expected = ref[name].grad if rows is None else ref[name].grad[list(rows)]
+            torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_site_rows_refuse_an_unowned_site() -> None:

@@ -312,18 +312,52 @@ class Transformer(nn.Module):
             self._check_positions(positions, tokens.shape)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [B, 1, T, hd/2]
         state = self.residual.init_state(self.embed(tokens))
-        L = len(self.sublayers)
+        return self.run_segment(state, 0, len(self.sublayers), cos, sin, cache, layer_inputs)
+
+    def run_segment(
+        self,
+        state: Any,
+        start: int,
+        stop: int,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None = None,
+        layer_inputs: list[Tensor] | None = None,
+    ) -> Any:
+        """:meth:`run_sublayers` under this model's :attr:`activation_checkpointing`.
+
+        It applies to forwards with gradients enabled, no ``cache`` and no ``layer_inputs``. With
+        ``"block"``, the groups of ``residual.checkpoint_group()`` sublayers are counted from
+        sublayer 0 and cut at ``start`` and ``stop``, so a pipeline chunk that begins or ends inside
+        a group recomputes its share of it; the state returned is ready for the read at ``stop``.
+        Like :meth:`run_sublayers`, it reads only ``activation_checkpointing``, ``residual`` and
+        ``sublayers``, so a pipeline chunk runs it with itself as the model.
+        """
         # the layers' inputs are read out of the forward as it runs: nothing to recompute around them
         recomputing = torch.is_grad_enabled() and cache is None and layer_inputs is None
         mode = self.activation_checkpointing if recomputing else "none"
-        if mode == "block":
-            size = self.residual.checkpoint_group()
-            for start in range(0, L, size):
-                state = self._recomputed_group(state, range(start, min(start + size, L)), cos, sin)
-            return self.residual.resume(state, L)
-        return self.run_sublayers(
-            state, 0, L, cos, sin, cache, recompute=mode == "sublayer", layer_inputs=layer_inputs
-        )
+        if mode != "block":
+            return Transformer.run_sublayers(
+                self,
+                state,
+                start,
+                stop,
+                cos,
+                sin,
+                cache,
+                recompute=mode == "sublayer",
+                layer_inputs=layer_inputs,
+            )
+        size = self.residual.checkpoint_group()
+        edges = [
+            start,
+            *range((start // size + 1) * size, stop, size),
+            stop,
+        ]  # group ends, cut to the segment
+        for a, b in zip(edges, edges[1:], strict=False):
+            if a < b:
+                state = Transformer._recomputed_group(self, state, range(a, b), cos, sin)
+        return self.residual.resume(state, stop)
 
     def run_sublayers(
         self,
@@ -374,7 +408,9 @@ class Transformer(nn.Module):
 
         def run(carried: Any) -> Any:
             resumed = self.residual.resume(carried, layers.start)
-            return self.residual.carry(self.run_sublayers(resumed, layers.start, layers.stop, cos, sin))
+            return self.residual.carry(
+                Transformer.run_sublayers(self, resumed, layers.start, layers.stop, cos, sin)
+            )
 
         return checkpoint(run, self.residual.carry(state), use_reentrant=False)
 

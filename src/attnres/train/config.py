@@ -288,12 +288,6 @@ class TrainConfig:
                 f"parallel.microbatches (e.g. {self.train.grad_accum * self.parallel.pp}) and leave "
                 "train.grad_accum at 1"
             )
-        if self.parallel.pipeline and self.train.activation_checkpointing != "none":
-            raise ValueError(
-                f"train.activation_checkpointing={self.train.activation_checkpointing} is not available "
-                "with parallel.pp > 1 (pipeline chunks run their own sublayer loop); use "
-                "train.activation_checkpointing=none, or DDP/FSDP2 (parallel.pp=1)"
-            )
         if self.train.compile and self.parallel.pipeline:
             raise ValueError(
                 "train.compile=true does not combine with parallel.pp > 1 (pipeline chunks are not "

@@ -258,6 +258,7 @@ class PipelineEngine(Engine):
         self.env, self.grad_clip, self.model_cfg = env, cfg.optim.grad_clip, cfg.model
         self.microbatches = par.n_microbatches
         self.precision = Precision(cfg.train.precision, env.device)  # no scaler: the config refuses fp16
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)  # the chunks copy it
         layout, self.chunks = split_model(self.precision.prepare(model), par.pp, par.vpp, rank=env.rank)
         cache = "seen" if par.attnres_cache else "off"
         self.runner = PipelineRunner(self.chunks, layout, cache=cache, autocast=self.precision.autocast)

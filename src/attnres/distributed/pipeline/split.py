@@ -106,6 +106,8 @@ class PipelineChunk(nn.Module):
         )
         self.residual = _slice_residual(model.residual, self.sites, L + 1)
         self.norm = copy.deepcopy(model.norm) if self.is_last else None
+        #: as the model's (``Transformer.set_activation_checkpointing`` before splitting)
+        self.activation_checkpointing = model.activation_checkpointing
         self.lm_head = copy.deepcopy(model.lm_head) if self.is_last else None
         self.register_buffer("rope_cos", model.rope_cos.clone(), persistent=False)
         self.register_buffer("rope_sin", model.rope_sin.clone(), persistent=False)
@@ -123,9 +125,9 @@ class PipelineChunk(nn.Module):
                 state = self._arrived(inp, impl)
             T = state_tensors(state)[-1].shape[1]
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-            # the model's own loop, with this chunk as the model: it reads only self.residual and
-            # self.sublayers[l] by global sublayer id (OwnedSublayers)
-            state = Transformer.run_sublayers(self, state, self.start, self.stop, cos, sin)
+            # the model's own loop, with this chunk as the model: it reads only the checkpointing mode,
+            # self.residual and self.sublayers[l] by global sublayer id (OwnedSublayers)
+            state = Transformer.run_segment(self, state, self.start, self.stop, cos, sin)
             if self.is_last:
                 return self.lm_head(self.norm(self.residual.final(state)))
             return state
