@@ -9,6 +9,7 @@ depth reads themselves run the same kernels in both.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -119,6 +120,35 @@ def test_native_attend_backward_passes_opcheck(native_kernels: None) -> None:
     torch.library.opcheck(
         native_attend_backward, (sources, rstd, queries, alpha, dots, grads, torch.randn(5, 2))
     )
+
+
+def test_native_inference_ops_pass_opcheck(native_kernels: None) -> None:
+    """Schema, fake implementation and dispatch of the no-grad stacked-read ops."""
+    from attnres.ops import native
+
+    gen = torch.Generator().manual_seed(2)
+    values, rstd = torch.randn(4, 5, 8, generator=gen), torch.rand(4, 5, 1, generator=gen).add_(0.5)
+    queries, p = torch.randn(2, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    outs, lse = native.stack_phase1(values, rstd, 3, queries, True)
+    r_p, w = torch.rand(5, generator=gen).add_(0.5), torch.randn(8, generator=gen)
+    torch.library.opcheck(native.stack_phase1.op, (values, rstd, 3, queries, True))
+    torch.library.opcheck(native.stack_phase1.op, (values, rstd, 1, queries, False))
+    torch.library.opcheck(native.stack_merge.op, (outs[:, 1], lse[:, 1], p, r_p, queries[1], w, 1e-5))
+    torch.library.opcheck(native.stack_merge.op, (outs[:, 1], lse[:, 1], p, r_p, queries[1], None, 0.0))
+    torch.library.opcheck(native.stack_norm.op, (outs[:, 0], p, w, 1e-5))
+    torch.library.opcheck(native.stack_accumulate.op, (p, torch.randn(5, 8, generator=gen), 1e-6))
+    torch.library.opcheck(native.stack_accumulate.op, (None, torch.randn(5, 8, generator=gen), 1e-6))
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
+def test_reads_under_autocast_trace_into_one_graph(grad: bool) -> None:
+    """bf16 autocast: the depth reads' autocast-off regions do not break the graph (they did, with
+    an ExitStack, and a graph break inside the no-grad stacked reads then broke inductor)."""
+    model = tiny_model("block", block_size=2)
+    x = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    assert torch.isfinite(out).all()
 
 
 def test_native_fake_impl_never_builds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,7 +272,7 @@ def test_decode_step_compiles_fullgraph_on_native_kernels(
 ) -> None:
     """One decode step after a prefill, compiled with ``fullgraph=True``, its reads on the native ops:
     the fused read's, or the no-grad stacked reads' (phase 1, merge fused with the norm, the partial
-    sum with its statistic, the block push; Full has no merge, every read is a group's first)."""
+    sum with its statistic; Full has no merge, every read is a group's first)."""
     model = tiny_model(variant, **({"block_size": 2} if variant == "block" else {})).eval()
     prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(3))
     nxt = torch.randint(0, 61, (2, 1), generator=torch.Generator().manual_seed(4))
@@ -258,7 +288,7 @@ def test_decode_step_compiles_fullgraph_on_native_kernels(
         native_op = "native_stack_norm"
     expected = {f"attnres.{native_op}.default"}
     if impl == "two_phase":
-        expected |= {f"attnres.native_stack_{op}.default" for op in ("phase1", "accumulate", "push")}
+        expected |= {f"attnres.native_stack_{op}.default" for op in ("phase1", "accumulate")}
     assert expected <= ops_in(graphs)
     assert rel_err(logits["compiled"], logits["eager"]) < TOL
 
@@ -323,6 +353,24 @@ def test_cli_train_compiled_matches_eager(tmp_path: Path, cache_dir: str) -> Non
     assert [r["step"] for r in compiled] == [1, 2, 3]
     for a, b in zip(compiled, eager, strict=True):
         assert abs(a["loss"] - b["loss"]) <= TOL * abs(b["loss"]), (a["loss"], b["loss"])
+
+
+def test_cli_done_when_recipe_trains_and_evaluates(tmp_path: Path, cache_dir: str) -> None:
+    """Issue 13's recipe: bf16-mixed, block checkpointing, 4 accumulation steps, compiled, with
+    Block AttnRes, through training and the (no-grad, stacked-read) evaluation."""
+    run = tmp_path / "recipe"
+    flags = [
+        "--model.residual.variant=block",
+        "--train.precision=bf16-mixed",
+        "--train.activation_checkpointing=block",
+        "--train.grad_accum=4",
+        "--train.compile=true",
+        "--train.steps=2",
+        "--train.eval_every=2",
+    ]
+    main(["train", "--preset", "tiny", *flags, "--out", str(run), f"--data.cache_dir={cache_dir}"])
+    result = json.loads((run / "result.json").read_text())
+    assert math.isfinite(result["final_val_loss"])
 
 
 def test_compile_without_cpp_compiler_is_one_clear_line(

@@ -335,7 +335,7 @@ def _inference_op(fn: Callable[..., Any]) -> Any:
     Returns a caller that runs the op while ``torch.compile`` traces (the graph keeps it as one
     node) and ``fn`` itself in eager mode: a Python custom op costs ~25 µs a call on this project's
     CPU, the whole budget of a decode step's read, and these ops need none of what it adds
-    (autograd, fake tensors). ``register_fake`` is the op's.
+    (autograd, fake tensors). ``register_fake`` is the op's, and ``.op`` the op itself.
     """
     op = torch.library.custom_op(f"attnres::native_{fn.__name__}", mutates_args=(), device_types="cpu")(fn)
 
@@ -344,6 +344,7 @@ def _inference_op(fn: Callable[..., Any]) -> Any:
         return op(*args) if torch.compiler.is_compiling() else fn(*args)
 
     call.register_fake = op.register_fake  # type: ignore[attr-defined]
+    call.op = op  # type: ignore[attr-defined]  # for torch.library.opcheck
     return call
 
 
@@ -413,16 +414,12 @@ def _(partial: Tensor | None, out: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return out.new_empty(out.shape), out.new_empty(out.shape[:-1], dtype=stats_dtype(out.dtype))
 
 
-@torch.library.custom_op("attnres::native_stack_push", mutates_args=("values", "rstd"), device_types="cpu")
-def _stack_push_op(values: Tensor, rstd: Tensor, slot: int, p: Tensor, r: Tensor) -> None:
-    _loaded().stack_push(values, rstd, slot, p, r)
-
-
 def stack_push(values: Tensor, rstd: Tensor, slot: int, p: Tensor, r: Tensor) -> None:
     """Write a completed block ``p`` (``M·d`` values, any strides and dtype) and its statistic ``r``
-    into row ``slot`` of a stack ``values [C, M, d]``, ``rstd [C, M, 1]`` (eager: no custom-op layer,
-    as in :func:`_inference_op`; that decorator is for ops that return their results)."""
-    if torch.compiler.is_compiling():
-        _stack_push_op(values, rstd, slot, p, r)
-    else:
-        _loaded().stack_push(values, rstd, slot, p, r)
+    into row ``slot`` of a stack ``values [C, M, d]``, ``rstd [C, M, 1]``; eager mode only.
+
+    No custom op: under ``torch.compile`` the stack's two copies are plain ``copy_`` ops that
+    inductor fuses (a mutating custom op with the slot as an argument broke inductor's codegen,
+    which left the slot's symbol unbound).
+    """
+    _loaded().stack_push(values, rstd, slot, p, r)

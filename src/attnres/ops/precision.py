@@ -40,17 +40,21 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def no_autocast(fn: Callable[P, R]) -> Callable[P, R]:
     """Run ``fn`` with autocast disabled on every device type where it is enabled now.
 
-    Free outside autocast (two flag reads); inside, one context manager per enabled device.
+    Free outside autocast (two flag reads); inside, one context manager per enabled device. Plain
+    ``torch.autocast`` / ``nullcontext`` managers, not an ``ExitStack``: ``torch.compile`` traces
+    these, while an ``ExitStack`` broke the graph at every depth read under mixed precision.
     """
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        enabled = [device for device in AUTOCAST_DEVICES if torch.is_autocast_enabled(device)]
-        if not enabled:
+        cpu, cuda = (torch.is_autocast_enabled(device) for device in AUTOCAST_DEVICES)
+        if not (cpu or cuda):
             return fn(*args, **kwargs)
-        with contextlib.ExitStack() as stack:
-            for device in enabled:
-                stack.enter_context(torch.autocast(device, enabled=False))
+        off = contextlib.nullcontext
+        with (
+            torch.autocast("cpu", enabled=False) if cpu else off(),
+            torch.autocast("cuda", enabled=False) if cuda else off(),
+        ):
             return fn(*args, **kwargs)
 
     return run

@@ -62,7 +62,7 @@ class SourceStack:
         """Append a completed source ``[..., d]`` and its statistic ``[...]``."""
         if self.size == self.values.shape[0]:
             raise RuntimeError(f"the source stack is full ({self.size} sources)")
-        if kernels_for(v) == "native":
+        if kernels_for(v) == "native" and not torch.compiler.is_compiling():  # one call, not two copies
             native.stack_push(self.values, self.rstd, self.size, v, rstd)
             self.size += 1
             return
