@@ -155,7 +155,11 @@ class _Repeat(torch.utils.data.Dataset):
         return {"input_ids": self.rows[i], "labels": self.rows[i]}
 
 
-def test_trainer_three_steps_lower_loss(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "recipe", [{}, {"bf16": True, "gradient_checkpointing": True}], ids=["fp32", "bf16-checkpointed"]
+)
+def test_trainer_three_steps_lower_loss(tmp_path, recipe: dict) -> None:
+    """``Trainer`` trains Block AttnRes, also with issue 13's ``Trainer(bf16=True, gradient_checkpointing=True)``."""
     model = make_model(make_config("block"))
     rows = (torch.arange(16).repeat(4, 1) * 3 + torch.arange(4)[:, None]) % 99  # [4, 16] easy patterns
     with torch.no_grad():
@@ -172,8 +176,11 @@ def test_trainer_three_steps_lower_loss(tmp_path) -> None:
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        **recipe,
     )
     Trainer(model=model, args=args, train_dataset=_Repeat(rows)).train()
+    if recipe:
+        assert model.model.transformer.activation_checkpointing == "block"
     model.eval()
     with torch.no_grad():
         after = model(input_ids=rows, labels=rows).loss.item()
