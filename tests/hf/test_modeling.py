@@ -159,7 +159,7 @@ class _Repeat(torch.utils.data.Dataset):
     "recipe", [{}, {"bf16": True, "gradient_checkpointing": True}], ids=["fp32", "bf16-checkpointed"]
 )
 def test_trainer_three_steps_lower_loss(tmp_path, recipe: dict) -> None:
-    """``Trainer`` trains Block AttnRes, also with issue 13's ``Trainer(bf16=True, gradient_checkpointing=True)``."""
+    """``Trainer`` trains Block AttnRes, also as ``Trainer(bf16=True, gradient_checkpointing=True)``."""
     model = make_model(make_config("block"))
     rows = (torch.arange(16).repeat(4, 1) * 3 + torch.arange(4)[:, None]) % 99  # [4, 16] easy patterns
     with torch.no_grad():
