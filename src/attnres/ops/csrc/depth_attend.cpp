@@ -443,15 +443,18 @@ void accumulate_kernel(const at::Tensor& partial, const at::Tensor& out, double 
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       scalar_t* row = p_p + t * d;
-      acc_t sq = 0;
-      for (int64_t k = 0; k < d; ++k) {
-        // rounded to the stream dtype first, as the state stores it, then squared
-        const scalar_t v = prev ? static_cast<scalar_t>(static_cast<acc_t>(prev[t * d + k]) +
-                                                        static_cast<acc_t>(add[t * d + k]))
-                                : add[t * d + k];
-        row[k] = v;
-        sq += static_cast<acc_t>(v) * static_cast<acc_t>(v);
+      const scalar_t* a = add + t * d;
+      if (prev) {
+        const scalar_t* b = prev + t * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) row[k] = static_cast<scalar_t>(static_cast<acc_t>(b[k]) + static_cast<acc_t>(a[k]));
+      } else {
+        std::copy(a, a + d, row);
       }
+      // the statistic of the sum as the state stores it (rounded to the stream dtype)
+      acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t k = 0; k < d; ++k) sq += static_cast<acc_t>(row[k]) * static_cast<acc_t>(row[k]);
       r_p[t] = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(d) + eps_);
     }
   });
