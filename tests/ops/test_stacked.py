@@ -150,7 +150,7 @@ def test_scheme_inference_matches_reference(
 def test_normed_reads_equal_the_norm_of_reference_reads(
     dtype: torch.dtype, variant: str, n_sublayers: int, block_size: int | None
 ) -> None:
-    """``normed_input`` / ``normed_final`` (the read fused with the norm after it) at every site
+    """``fused_normed_input`` / ``normed_final`` (the read fused with the norm after it) at every site
     equal ``norm(read)`` with the reference read, through a whole schedule."""
     model = ToyStack(variant, 100, n_sublayers, block_size, dtype)
     norms = [torch.nn.RMSNorm(100, eps=1e-5, dtype=dtype) for _ in range(n_sublayers + 1)]
@@ -166,10 +166,11 @@ def test_normed_reads_equal_the_norm_of_reference_reads(
         ref = scheme.init_state(x)
     for layer, w in enumerate(model.weights):
         got, want = (
-            scheme.normed_input(fast, layer, norms[layer]),
+            scheme.fused_normed_input(fast, layer, norms[layer]),
             norms[layer](scheme.layer_input(ref, layer)),
         )
-        assert got.dtype == dtype
+        assert got is not None and got.dtype == dtype
+        assert scheme.fused_normed_input(ref, layer, norms[layer]) is None  # nothing to fuse there
         assert_close(f"site {layer}", got, want, tol)
         out = torch.tanh(want @ w)  # the same sublayer output for both states
         fast, ref = scheme.update(fast, layer, out), scheme.update(ref, layer, out)

@@ -384,12 +384,19 @@ class Transformer(nn.Module):
             recompute: checkpoint each sublayer ``f_l(h)`` (``"sublayer"`` activation checkpointing).
             layer_inputs: as in :meth:`hidden`.
 
-        Unless ``recompute`` or ``layer_inputs`` needs the input before its norm, each read goes
-        through ``residual.normed_input`` (without gradients AttnRes fuses the pre-norm into it).
+        Unless ``recompute`` or ``layer_inputs`` needs the input before its norm, each sublayer first
+        asks ``residual.fused_normed_input`` for its normalised input (AttnRes without gradients
+        fuses the pre-norm into its read; the sublayer then skips its norm, and forward hooks on it
+        see that normalised input); otherwise it gets ``layer_input`` and applies its own norm.
         """
         for layer in range(start, stop):
             sublayer = self.sublayers[layer]
-            if recompute or layer_inputs is not None:  # these need the input before its norm
+            # recomputation and layer_inputs need the input before its norm
+            plain = recompute or layer_inputs is not None
+            x = None if plain else self.residual.fused_normed_input(state, layer, sublayer.norm)
+            if x is not None:  # the read applied the sublayer's pre-norm in its own pass
+                out = sublayer(x, cos, sin, cache=cache, normed=True)
+            else:
                 h = self.residual.layer_input(state, layer)
                 if layer_inputs is not None and layer % 2 == 0:
                     layer_inputs.append(h)
@@ -397,9 +404,6 @@ class Transformer(nn.Module):
                     out = checkpoint(sublayer, h, cos, sin, use_reentrant=False)
                 else:
                     out = sublayer(h, cos, sin, cache=cache)
-            else:  # the read may apply the sublayer's pre-norm in its own pass
-                x = self.residual.normed_input(state, layer, sublayer.norm)
-                out = sublayer(x, cos, sin, cache=cache, normed=True)
             state = self.residual.update(state, layer, out)
         return state
 

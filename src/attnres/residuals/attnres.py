@@ -263,14 +263,19 @@ class BlockAttnRes(ResidualScheme):
     def final(self, state: DepthState | StackedDepthState) -> Tensor:
         return self._read(state, self.n_sublayers)
 
-    def normed_input(self, state: DepthState | StackedDepthState, layer: int, norm: nn.Module) -> Tensor:
-        """Without gradients, the phase-2 merge and the RMSNorm after it run as one pass."""
-        if isinstance(state, StackedDepthState) and isinstance(norm, nn.RMSNorm):
-            return self._read_stacked(state, layer, norm)
-        return norm(self.layer_input(state, layer))
+    def fused_normed_input(
+        self, state: DepthState | StackedDepthState, layer: int, norm: nn.Module
+    ) -> Tensor | None:
+        """Without gradients (the stacked state), the read and the RMSNorm after it in one pass.
 
-    def normed_final(self, state: DepthState | StackedDepthState, norm: nn.Module) -> Tensor:
-        return self.normed_input(state, self.n_sublayers, norm)  # the final read is site L
+        Not for a norm whose gain is a sharded ``DTensor`` (FSDP2 gathers it only inside the
+        sublayer's own forward): there the sublayer applies its norm itself.
+        """
+        if not (isinstance(state, StackedDepthState) and isinstance(norm, nn.RMSNorm)):
+            return None
+        if norm.weight is not None and type(norm.weight.data) is not torch.Tensor:  # DTensor, subclasses
+            return None
+        return self._read_stacked(state, layer, norm)
 
     def checkpoint_group(self) -> int:
         """One block of ``S`` sublayers (Full: one sublayer), as in the paper's training schedule."""

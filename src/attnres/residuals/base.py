@@ -192,17 +192,19 @@ class ResidualScheme(nn.Module, ABC):
     def final(self, state: Any) -> Tensor:
         """The ``[B, T, d]`` tensor fed to the final norm and LM head."""
 
-    def normed_input(self, state: Any, layer: int, norm: nn.Module) -> Tensor:
-        """``norm(layer_input(state, layer))``: the input of sublayer ``layer`` after its pre-norm.
+    def fused_normed_input(self, state: Any, layer: int, norm: nn.Module) -> Tensor | None:
+        """``norm(layer_input(state, layer))`` computed in the read's own pass, or ``None``.
 
-        The model calls this where nothing else needs the un-normalised input. A scheme whose read
-        can apply the norm in the same pass overrides it (AttnRes without gradients).
+        The model asks first, where nothing else needs the input before its norm, and falls back to
+        ``layer_input`` and the sublayer's own norm on ``None``, the default. A scheme whose read can
+        apply the norm in the same pass overrides it (AttnRes without gradients).
         """
-        return norm(self.layer_input(state, layer))
+        return None
 
     def normed_final(self, state: Any, norm: nn.Module) -> Tensor:
-        """``norm(final(state))``: the final read after the final norm (see :meth:`normed_input`)."""
-        return norm(self.final(state))
+        """``norm(final(state))``, fused with the final read where :meth:`fused_normed_input` is."""
+        fused = self.fused_normed_input(state, self.n_sublayers, norm)  # the final read is site L
+        return norm(self.final(state)) if fused is None else fused
 
     def checkpoint_group(self) -> int:
         """Sublayers per segment of ``block`` activation checkpointing.
