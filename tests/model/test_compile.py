@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import rel_err
 from torch import Tensor
 
 from attnres.cli import main
@@ -30,12 +31,6 @@ from attnres.ops.native import cpu_kernels, native_attend, native_attend_backwar
 from attnres.train.config import RESUME_MAY_CHANGE, LoopConfig, ParallelConfig, TrainConfig
 
 TOL = 1e-5
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    """Relative RMS error of ``a`` against ``b``."""
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 pytestmark = pytest.mark.skipif(compile_module.cpp_compiler() is None, reason="inductor needs a C++ compiler")
