@@ -21,10 +21,10 @@ import torch
 
 import attnres
 from attnres.cli import main
+from attnres.storage.config import DataConfig
 from attnres.train import checkpoint as ckpt
 from attnres.train import data
 from attnres.train.checkpoint import load_trainer_state
-from attnres.train.config import DataConfig
 
 SRC = str(Path(attnres.__file__).parents[1])
 

@@ -20,6 +20,7 @@ from numerics import rel_err
 from torch import Tensor
 
 from attnres.cli import main
+from attnres.distributed.config import ParallelConfig
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.model import compile as compile_module
 from attnres.model.cache import KVCache
@@ -28,7 +29,7 @@ from attnres.ops import native
 from attnres.ops.dispatch import use_impl, use_kernels
 from attnres.ops.fused import fused_depth_read, source_rstd
 from attnres.ops.native import cpu_kernels, native_attend, native_attend_backward
-from attnres.train.config import RESUME_MAY_CHANGE, LoopConfig, ParallelConfig, TrainConfig
+from attnres.storage.config import RESUME_MAY_CHANGE, LoopConfig, TrainConfig
 
 TOL = 1e-5
 

@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
+from attnres.storage.config import DataConfig
 from attnres.train import data
-from attnres.train.config import DataConfig
 
 
 def test_shakespeare_split_by_work() -> None:

@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors weights, the JSON config, the tokenizer and the trainer state.
+"""Checkpoints: safetensors weights, the JSON run config, the tokenizer, and the trainer state.
 
 Layout of ``OUT/checkpoint/``::
 
@@ -12,11 +12,15 @@ Layout of ``OUT/checkpoint/``::
 A checkpoint is written to a temporary folder and renamed into place, so a crash mid-save never
 leaves a half-written checkpoint behind the old one.
 
-Loading is safe for a checkpoint from someone else: no file is unpickled. ``trainer_state.pt`` is
-read with ``torch.load(weights_only=True)``, which accepts tensors and plain containers only and
-refuses any other object (a pickle that would run code is an error, not an execution); the rest
-is safetensors and JSON. Each file is checked against ``checksums.json`` before it is read, so a
-flipped byte or a hand-edited file is named instead of loading silently.
+This module writes all five files and reads back what rebuilds a model: the config, the weights
+(every tensor's shape checked against the config) and the tokenizer (its vocabulary checked
+against the model's). The trainer state is opaque here: :func:`save_checkpoint` writes the dict
+it is given, and training reads it back (:func:`attnres.train.checkpoint.load_trainer_state`).
+
+Loading is safe for a checkpoint from someone else: no file is unpickled. The rest is safetensors
+and JSON (``trainer_state.pt`` is read with ``torch.load(weights_only=True)``). Each file is
+checked against ``checksums.json`` before it is read (:func:`verified`), so a flipped byte or a
+hand-edited file is named instead of loading silently.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -38,17 +41,17 @@ from safetensors.torch import save_model as st_save_model
 
 from attnres.configs import from_dict
 from attnres.model import Transformer
-from attnres.train.config import TrainConfig
-from attnres.train.data import Tokenizer, load_tokenizer
+from attnres.storage.config import TrainConfig
+from attnres.storage.tokenizer import Tokenizer, load_tokenizer
 
 CHECKPOINT_DIR = "checkpoint"
 _TMP, _OLD = f".{CHECKPOINT_DIR}.tmp", f".{CHECKPOINT_DIR}.old"  # the two sides of a checkpoint swap
 CHECKSUMS = "checksums.json"
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
 _WRITTEN_LAST = CHECKSUMS  # a checkpoint folder holding it is complete
-# What trainer_state.pt holds for ``--resume``; ``{"weights_only": True}`` marks a checkpoint made
-# without training (attnres convert --from-hf), which loads and samples but cannot resume.
-TRAINER_STATE_KEYS = ("step", "optimizer", "rng_cpu")
+#: the ``trainer_state`` of a checkpoint made without training (attnres convert --from-hf): it loads
+#: and samples, but cannot resume (:func:`attnres.train.checkpoint.load_trainer_state` says so)
+WEIGHTS_ONLY_STATE = {"weights_only": True}
 
 
 class CheckpointError(ValueError):
@@ -251,38 +254,3 @@ def load_checkpoint_tokenizer(path: str | Path) -> Tokenizer:
             f"{vocab}: the tokenizer belongs to another run"
         )
     return tokenizer
-
-
-def load_trainer_state(path: str | Path) -> dict[str, Any]:
-    """Step, optimiser and RNG states saved next to the weights, loaded without running any code.
-
-    Raises:
-        CheckpointError: the file is corrupted, holds objects other than tensors and plain data
-            (refused unread: a pickle can run code), or lacks what ``--resume`` needs.
-    """
-    p = checkpoint_path(path)
-    state_file = verified(p, "trainer_state.pt")
-    try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = [line for line in str(e).splitlines() if "GLOBAL" in line]  # an object, not plain data
-        if refused:
-            raise CheckpointError(
-                f"refused to load {state_file}: it holds objects other than tensors and plain data, "
-                f"which could run code when unpickled ({refused[0].strip()}); it was not written by "
-                "attnres train: do not resume a run directory you do not trust with another tool"
-            ) from None
-        raise CheckpointError(f"{state_file} is corrupted or truncated (not a torch file)") from None
-    except Exception as e:  # noqa: BLE001 - garbage makes the unpickler fail in any way (IndexError, KeyError …)
-        raise CheckpointError(f"{state_file} is corrupted or truncated ({type(e).__name__}: {e})") from None
-    if isinstance(state, dict) and state.get("weights_only"):
-        raise CheckpointError(
-            f"{p} holds weights only (made by attnres convert --from-hf): it has no optimiser state to "
-            "resume; sample or convert it, or train a new run"
-        )
-    if not isinstance(state, dict) or any(k not in state for k in TRAINER_STATE_KEYS):
-        raise CheckpointError(
-            f"{state_file} is not an attnres trainer state: expected a dict with "
-            f"{', '.join(TRAINER_STATE_KEYS)}"
-        )
-    return state

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnres.train.config import OptimConfig, ScheduleConfig
+from attnres.storage.config import OptimConfig, ScheduleConfig
 
 
 class OptimizerGroup:
