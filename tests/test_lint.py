@@ -1,11 +1,14 @@
-"""The tree is ruff-clean (lint rules and formatting from ``pyproject.toml``), so CI enforces it.
+"""The tree is ruff-clean (lint rules and formatting from ``pyproject.toml``) and its imports keep
+the layers of ``docs/architecture.md`` (the ``[tool.importlinter]`` contracts), so CI enforces both.
 
 ruff is pinned to one minor version in the ``dev`` extra: a new release's rules or formatting style
-arrive as a deliberate upgrade, not as a red CI on unchanged code.
+arrive as a deliberate upgrade, not as a red CI on unchanged code. import-linter is pinned to one
+major version for the same reason.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,3 +26,24 @@ def test_ruff_clean(command: list[str]) -> None:
         [sys.executable, "-m", "ruff", *command, *PATHS], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, f"ruff {' '.join(command)} failed:\n{result.stdout}{result.stderr}"
+
+
+def test_import_layers() -> None:
+    """``lint-imports``: no module imports from a layer above its own or from an independent sibling,
+    and no two sibling modules import each other (function-level imports included)."""
+    pytest.importorskip("importlinter", reason="import-linter comes with the dev extra")
+    # this checkout's package, whichever one the environment has installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from importlinter.cli import lint_imports_command; lint_imports_command()",
+            "--no-cache",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, f"lint-imports failed:\n{result.stdout}{result.stderr}"
