@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import attnres
 from attnres.analysis.diagnostics import save_diagnostics
 from attnres.analysis.results import RunResult, read_result, write_result
 from attnres.distributed.data_parallel import DistEnv, init_distributed
@@ -47,8 +48,6 @@ def model_flops_per_token(model: Transformer) -> float:
 
 def run_info() -> dict[str, Any]:
     """Versions and git commit, written beside every run."""
-    import attnres
-
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
