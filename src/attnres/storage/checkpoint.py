@@ -17,10 +17,11 @@ This module writes all five files and reads back what rebuilds a model: the conf
 against the model's). The trainer state is opaque here: :func:`save_checkpoint` writes the dict
 it is given, and training reads it back (:func:`attnres.train.checkpoint.load_trainer_state`).
 
-Loading is safe for a checkpoint from someone else: no file is unpickled. The rest is safetensors
-and JSON (``trainer_state.pt`` is read with ``torch.load(weights_only=True)``). Each file is
-checked against ``checksums.json`` before it is read (:func:`verified`), so a flipped byte or a
-hand-edited file is named instead of loading silently.
+Loading is safe for a checkpoint from someone else: no file is unpickled. The weights are
+safetensors, the config and tokenizer JSON, and the trainer state is read with
+``torch.load(weights_only=True)``, which refuses any object other than tensors and plain
+containers. Each file is checked against ``checksums.json`` before it is read (:func:`verified`),
+so a flipped byte or a hand-edited file is named instead of loading silently.
 """
 
 from __future__ import annotations
