@@ -9,6 +9,7 @@ major version for the same reason.
 from __future__ import annotations
 
 import os
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,15 @@ def test_import_layers() -> None:
         text=True,
     )
     assert result.returncode == 0, f"lint-imports failed:\n{result.stdout}{result.stderr}"
+
+
+def test_every_top_level_module_has_a_layer() -> None:
+    """A new package or module under ``attnres`` must be placed in the ``layers`` contract: one left
+    out would be checked by nothing but the cycle contract."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
+    placed = {name.strip() for layer in layers for name in layer.split("|")}
+    modules = {f"attnres.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "src" / "attnres")])}
+    assert modules - placed == set(), "add these to the layers contract in pyproject.toml"
+    assert placed - modules == set(), "the layers contract names modules that do not exist"
