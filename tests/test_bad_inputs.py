@@ -67,9 +67,9 @@ def nan_model() -> Transformer:
 
 def tiny_checkpoint(tmp_path: Path, nan: bool = False) -> str:
     """A checkpoint as ``attnres train`` writes it (byte tokenizer, no training), NaN weights if ``nan``."""
-    from attnres.train.checkpoint import save_checkpoint
-    from attnres.train.config import DataConfig, TrainConfig
-    from attnres.train.data import ByteTokenizer
+    from attnres.storage.checkpoint import save_checkpoint
+    from attnres.storage.config import DataConfig, TrainConfig
+    from attnres.storage.tokenizer import ByteTokenizer
 
     cfg = ModelConfig(vocab_size=257, d_model=16, n_layers=1, n_heads=2, seq_len=32)
     model = Transformer(cfg)

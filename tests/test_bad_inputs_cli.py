@@ -21,10 +21,11 @@ import torch
 
 import attnres
 from attnres.cli import main
-from attnres.train import checkpoint as ckpt
+from attnres.storage import checkpoint as ckpt
+from attnres.storage.config import DataConfig
+from attnres.storage.tokenizer import ByteTokenizer
 from attnres.train import data
 from attnres.train.checkpoint import load_trainer_state
-from attnres.train.config import DataConfig
 
 SRC = str(Path(attnres.__file__).parents[1])
 
@@ -290,7 +291,7 @@ def test_token_cache_damage_is_named_and_rebuilt(
     cfg = DataConfig(
         corpus="text", path=str(corpus_file(tmp_path)), tokenizer="byte", cache_dir=str(tmp_path)
     )
-    corpus, tok = data.load_corpus(cfg), data.ByteTokenizer()
+    corpus, tok = data.load_corpus(cfg), ByteTokenizer()
     fresh = data.tokenize_corpus(cfg, corpus, tok, "byte")
     (cached,) = tmp_path.glob("tokens-*.npz")
     write(cached)

@@ -12,8 +12,8 @@ import pytest
 from attnres.cli import main
 from attnres.configs import describe_keys, field_docs, valid_keys
 from attnres.residuals import ResidualConfig
+from attnres.storage.config import OptimConfig, TrainConfig
 from attnres.train import get_preset
-from attnres.train.config import OptimConfig, TrainConfig
 from attnres.train.presets import PRESETS
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from attnres.configs import ConfigError, apply_dict, apply_overrides, describe_keys, load_config_file
 
 if TYPE_CHECKING:
-    from attnres.train.config import TrainConfig
+    from attnres.storage.config import TrainConfig
 
 
 def parse_overrides(extra: list[str]) -> dict[str, str]:
@@ -72,9 +72,9 @@ def _print_config(cfg: TrainConfig) -> None:
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     import torch.distributed as dist
 
+    from attnres.storage.checkpoint import run_config
+    from attnres.storage.config import RESUME_MAY_CHANGE, resume_conflicts
     from attnres.train import train
-    from attnres.train.checkpoint import run_config
-    from attnres.train.config import RESUME_MAY_CHANGE, resume_conflicts
 
     if args.resume:
         cfg = run_config(args.out)
@@ -107,7 +107,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
-    from attnres.train.compare import compare, parse_variants, summary_table
+    from attnres.analysis.results import summary_table
+    from attnres.train.compare import compare, parse_variants
 
     overridden = {"model.residual.variant", "train.seed"} & set(parse_overrides(extra))
     if overridden:  # compare sets both per run; the flag would be dropped without a word
@@ -292,7 +293,7 @@ def environment_error(e: Exception, out: str | None) -> str | None:
     filename = getattr(e, "filename", None)
     if _disk_full(e):
         message = "no space left on device" + (f" writing {filename}" if filename else "")
-        from attnres.train.checkpoint import has_checkpoint
+        from attnres.storage.checkpoint import has_checkpoint
 
         if out and Path(out).is_dir() and has_checkpoint(out):
             return f"{message}; the previous checkpoint in {out} is kept: free some space, then pass --resume"

@@ -11,7 +11,7 @@ from typing import Any
 
 from attnres.model import Transformer
 from attnres.model.generate import SamplingConfig, stream
-from attnres.train.checkpoint import CheckpointError, load_checkpoint_tokenizer, load_model
+from attnres.storage.checkpoint import CheckpointError, load_checkpoint_tokenizer, load_model
 
 
 def load_for_sampling(path: str | Path) -> tuple[Transformer, Any]:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from attnres.analysis.diagnostics import save_diagnostics
+from attnres.analysis.results import RunResult
 from attnres.configs import apply_overrides
 from attnres.model import Transformer
 from attnres.train import get_preset
-from attnres.train.loop import RunResult
 
 
 def make_fake_run(run_dir: Path, variant: str, seed: int, loss: float) -> None:

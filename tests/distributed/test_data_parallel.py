@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnres.distributed.config import ParallelConfig
 from attnres.distributed.data_parallel import (
     DistEnv,
     full_state_dict,
@@ -22,7 +23,7 @@ from attnres.distributed.data_parallel import (
 from attnres.distributed.launch import spawn_gloo
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.residuals import ResidualConfig
-from attnres.train.config import LoopConfig, OptimConfig, ParallelConfig, TrainConfig
+from attnres.storage.config import LoopConfig, OptimConfig, TrainConfig
 from attnres.train.engine import ReplicatedEngine, check_world_size
 
 STEPS, BATCH = 3, 4

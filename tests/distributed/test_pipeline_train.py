@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 from attnres.cli import main
 from attnres.configs import apply_overrides
+from attnres.distributed.config import ParallelConfig
 from attnres.distributed.data_parallel import DistEnv
 from attnres.distributed.pipeline import split_model
 from attnres.distributed.pipeline_train import (
@@ -26,8 +27,8 @@ from attnres.distributed.pipeline_train import (
 )
 from attnres.model import ModelConfig, Transformer
 from attnres.residuals import ResidualConfig
+from attnres.storage.config import OptimConfig
 from attnres.train import get_preset
-from attnres.train.config import OptimConfig, ParallelConfig
 from attnres.train.engine import PipelineEngine, check_world_size
 from attnres.train.optim import build_optimizer
 

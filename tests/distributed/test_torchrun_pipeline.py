@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attnres.train.checkpoint import load_model
+from attnres.storage.checkpoint import load_model
 
 pytestmark = pytest.mark.distributed
 

@@ -33,9 +33,9 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from attnres.hf.convert import to_hf
     from attnres.model import ModelConfig, Transformer
     from attnres.residuals import ResidualConfig
-    from attnres.train.checkpoint import save_checkpoint
-    from attnres.train.config import TrainConfig
-    from attnres.train.data import ByteTokenizer
+    from attnres.storage.checkpoint import save_checkpoint
+    from attnres.storage.config import TrainConfig
+    from attnres.storage.tokenizer import ByteTokenizer
 
     root = tmp_path_factory.mktemp("hf-remote")
     cfg = ModelConfig(

@@ -76,7 +76,7 @@ def test_trained_run_converts_loads_in_fresh_process_and_generates(tmp_path, cac
     """Done-criterion of the issue: `attnres train` -> `attnres convert --to-hf` -> plain transformers
     calls in a fresh process (AutoTokenizer + AutoModelForCausalLM + generate), no remote code."""
     from attnres.cli import main
-    from attnres.train.checkpoint import load_model
+    from attnres.storage.checkpoint import load_model
 
     run = _tiny_run(tmp_path, cache_dir)
     main(["convert", "--to-hf", str(run), str(tmp_path / "hf")])
@@ -107,9 +107,9 @@ def test_trained_run_converts_loads_in_fresh_process_and_generates(tmp_path, cac
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
 def test_checkpoint_roundtrip_through_hf_is_bit_exact(tmp_path, tokenizer: str) -> None:
-    from attnres.train.checkpoint import load_model, save_checkpoint
-    from attnres.train.config import TrainConfig
-    from attnres.train.data import ByteTokenizer, load_tokenizer, train_bpe
+    from attnres.storage.checkpoint import load_model, save_checkpoint
+    from attnres.storage.config import TrainConfig
+    from attnres.storage.tokenizer import ByteTokenizer, load_tokenizer, train_bpe
 
     text = [
         "To be, or not to be, that is the question:\n",

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import rel_err
 from torch import Tensor
 
 from attnres.cli import main
+from attnres.distributed.config import ParallelConfig
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.model import compile as compile_module
 from attnres.model.cache import KVCache
@@ -28,15 +30,9 @@ from attnres.ops import native
 from attnres.ops.dispatch import use_impl, use_kernels
 from attnres.ops.fused import fused_depth_read, source_rstd
 from attnres.ops.native import cpu_kernels, native_attend, native_attend_backward
-from attnres.train.config import RESUME_MAY_CHANGE, LoopConfig, ParallelConfig, TrainConfig
+from attnres.storage.config import RESUME_MAY_CHANGE, LoopConfig, TrainConfig
 
 TOL = 1e-5
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    """Relative RMS error of ``a`` against ``b``."""
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 pytestmark = pytest.mark.skipif(compile_module.cpp_compiler() is None, reason="inductor needs a C++ compiler")

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from numerics import rel_err
 
 from attnres.model import ModelConfig, Transformer, lm_loss
 from attnres.ops.dispatch import check_impl, select_impl, use_impl, use_kernels
@@ -17,12 +18,6 @@ from attnres.residuals import ResidualConfig, build_residual
 FAST = ("fused", "two_phase")
 # dtype -> max relative RMS error of outputs and gradients; fp32 query grads sum d·T terms
 TOL = {torch.float64: 1e-12, torch.float32: 3e-5, torch.bfloat16: 1e-2}
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative RMS error of ``x`` against ``ref``."""
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, tol: float) -> None:

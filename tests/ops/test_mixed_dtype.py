@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from numerics import rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnres.model import ModelConfig, Transformer, lm_loss
@@ -115,11 +116,6 @@ def tiny_model(variant: str) -> Transformer:
     return model
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def step(
     model: Transformer, tokens: torch.Tensor, autocast: bool
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -157,14 +153,14 @@ def test_bf16_autocast_matches_fp32(
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 logits16 = model(tokens[:, :-1])
     assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
-    assert rel(loss16, loss32) <= LOSS_TOL
+    assert rel_err(loss16, loss32) <= LOSS_TOL
     assert grads16.keys() == grads32.keys()
     flat16 = torch.cat([g.flatten() for g in grads16.values()])
     flat32 = torch.cat([g.flatten() for g in grads32.values()])
-    assert rel(flat16, flat32) <= GRAD_TOL
-    worst = max(grads32, key=lambda n: rel(grads16[n], grads32[n]) if grads32[n].norm() > 0 else 0.0)
-    assert grads32[worst].norm() == 0 or rel(grads16[worst], grads32[worst]) <= PARAM_TOL, worst
-    assert rel(logits16.float(), logits32) <= LOGIT_TOL
+    assert rel_err(flat16, flat32) <= GRAD_TOL
+    worst = max(grads32, key=lambda n: rel_err(grads16[n], grads32[n]) if grads32[n].norm() > 0 else 0.0)
+    assert grads32[worst].norm() == 0 or rel_err(grads16[worst], grads32[worst]) <= PARAM_TOL, worst
+    assert rel_err(logits16.float(), logits32) <= LOGIT_TOL
     # the residual stream is fp32 under autocast, so nothing in the residual connection is bf16 ...
     low = {name for name, dtype in spy.seen if dtype != torch.float32}
     if variant == "highway":  # ... except highway's gate projection (a d×d linear, not a depth read)
@@ -199,10 +195,10 @@ def test_bf16_weights_forward_backward(
                 out = model(tokens[:, :-1])
     assert out.dtype == torch.bfloat16 and torch.isfinite(loss16)
     assert all(g.dtype == torch.bfloat16 for g in grads16.values())
-    assert rel(loss16, loss32) <= 2e-2
+    assert rel_err(loss16, loss32) <= 2e-2
     flat16 = torch.cat([g.flatten() for g in grads16.values()])
     flat32 = torch.cat([g.flatten() for g in grads32.values()])
-    assert rel(flat16, flat32) <= 8e-2
+    assert rel_err(flat16, flat32) <= 8e-2
     # statistics stay fp32 even though the stream is bf16
     low_stats = {name for name, dtype in spy.seen if name in STATS_OPS and dtype != torch.float32}
     allowed = {"add", "sum"}  # the stream's own sums (partial + out) and grads summed in the stream dtype

@@ -6,8 +6,9 @@ import importlib.util
 
 import pytest
 
+from attnres.storage import tokenizer
+from attnres.storage.config import DataConfig
 from attnres.train import data
-from attnres.train.config import DataConfig
 
 
 def test_shakespeare_split_by_work() -> None:
@@ -34,12 +35,12 @@ def test_bpe_is_deterministic_and_round_trips(tmp_path) -> None:
         "To be, or not to be, that is the question:\n" * 20,
         "Whether 'tis nobler in the mind to suffer\n" * 20,
     ]
-    a, b = data.train_bpe(texts, 300), data.train_bpe(texts, 300)
+    a, b = tokenizer.train_bpe(texts, 300), tokenizer.train_bpe(texts, 300)
     assert a.tok.to_str() == b.tok.to_str()
     sample = "To be, or not to suffer: that is the question.\n  Indented line\n"
     assert a.decode(a.encode(sample)) == sample
     a.save(tmp_path / "tok.json")
-    loaded = data.load_tokenizer(tmp_path / "tok.json")
+    loaded = tokenizer.load_tokenizer(tmp_path / "tok.json")
     assert loaded.encode(sample) == a.encode(sample) and loaded.eos_id == a.eos_id
 
 
@@ -55,7 +56,7 @@ def test_bpe_cache_is_reused(tmp_path) -> None:
 
 
 def test_byte_tokenizer() -> None:
-    tok = data.ByteTokenizer()
+    tok = tokenizer.ByteTokenizer()
     assert tok.encode("hé") == [104, 195, 169]
     assert tok.decode([104, 195, 169, tok.eos_id]) == "hé"
 

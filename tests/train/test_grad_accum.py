@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from attnres.configs import apply_overrides
+from attnres.distributed.config import ParallelConfig
 from attnres.distributed.data_parallel import DistEnv
 from attnres.model import ModelConfig, Transformer
 from attnres.model.transformer import IGNORE_INDEX
 from attnres.residuals import ResidualConfig
+from attnres.storage.checkpoint import load_model
+from attnres.storage.config import LoopConfig, OptimConfig, TrainConfig
 from attnres.train import get_preset, train
-from attnres.train.checkpoint import load_model
-from attnres.train.config import LoopConfig, OptimConfig, ParallelConfig, TrainConfig
 from attnres.train.engine import ReplicatedEngine, check_world_size
 
 

@@ -7,7 +7,7 @@ import torch
 
 from attnres.model import ModelConfig, Transformer
 from attnres.residuals import ResidualConfig
-from attnres.train.config import OptimConfig, ScheduleConfig
+from attnres.storage.config import OptimConfig, ScheduleConfig
 from attnres.train.optim import build_optimizer, lr_multiplier
 
 

@@ -11,10 +11,11 @@ import torch
 
 from attnres.cli import main
 from attnres.configs import apply_overrides
+from attnres.storage.checkpoint import load_model
+from attnres.storage.config import LoopConfig, TrainConfig, resume_conflicts
 from attnres.train import engine as engine_module
 from attnres.train import get_preset, train
-from attnres.train.checkpoint import load_model, load_trainer_state
-from attnres.train.config import LoopConfig, TrainConfig, resume_conflicts
+from attnres.train.checkpoint import load_trainer_state
 from attnres.train.precision import Precision, check_precision_supported
 
 

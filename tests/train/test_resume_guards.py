@@ -11,8 +11,8 @@ import pytest
 from attnres.cli import main
 from attnres.configs import apply_overrides
 from attnres.model import ModelConfig, Transformer
+from attnres.storage.checkpoint import CHECKSUMS
 from attnres.train import get_preset, train
-from attnres.train.checkpoint import CHECKSUMS
 from attnres.train.compare import compare, parse_variants
 from attnres.train.loop import model_flops_per_token
 

@@ -23,16 +23,16 @@ import torch
 
 from attnres.cli import main
 from attnres.configs import apply_overrides
-from attnres.train import get_preset, train
-from attnres.train.checkpoint import (
+from attnres.storage.checkpoint import (
     CHECKPOINT_FILES,
     CheckpointError,
     load_checkpoint_tokenizer,
     load_config,
     load_model,
-    load_trainer_state,
     record_checksums,
 )
+from attnres.train import get_preset, train
+from attnres.train.checkpoint import load_trainer_state
 from attnres.train.compare import compare
 from attnres.train.run_dir import LOCK_FILE, RunDirBusy, TrainingInterrupted, metrics_up_to
 
@@ -277,7 +277,7 @@ def _other_d_model(run: Path, tmp: Path) -> list[str]:
 
 
 def _other_vocabulary(run: Path, tmp: Path) -> list[str]:
-    from attnres.train.data import train_bpe
+    from attnres.storage.tokenizer import train_bpe
 
     train_bpe(["to be or not to be, that is the question"] * 50, 300).save(tmp / "tokenizer.json")
     _rewrite(run, "tokenizer.json", (tmp / "tokenizer.json").read_bytes())

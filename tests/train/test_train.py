@@ -9,13 +9,16 @@ import math
 import pytest
 import torch
 
+from attnres.analysis.results import summary_table
 from attnres.cli import main
 from attnres.configs import ConfigError, apply_overrides
 from attnres.model import Transformer
+from attnres.storage.checkpoint import checkpoint_path, load_model, record_checksums
+from attnres.storage.tokenizer import tokenizer_key
 from attnres.train import get_preset, train
-from attnres.train.checkpoint import checkpoint_path, load_model, load_trainer_state, record_checksums
-from attnres.train.compare import compare, summary_table
-from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
+from attnres.train.checkpoint import load_trainer_state
+from attnres.train.compare import compare
+from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus
 from attnres.train.engine import evaluate
 
 

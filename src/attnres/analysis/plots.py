@@ -5,7 +5,6 @@ that are the same bytes every time they are drawn from the same data."""
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,11 +229,3 @@ def plot_final_losses(
 ) -> Path:
     """Write :func:`final_losses_figure` to ``path``."""
     return save_figure(final_losses_figure(results, baseline, styles), path, dpi=120)
-
-
-def group_runs(run_dirs: list[Path]) -> dict[str, list[Path]]:
-    """Run dirs grouped by the variant recorded in their ``result.json``."""
-    groups: dict[str, list[Path]] = defaultdict(list)
-    for d in run_dirs:
-        groups[json.loads((d / "result.json").read_text())["variant"]].append(d)
-    return dict(groups)

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from attnres.analysis.diagnostics import load_diagnostics
-from attnres.analysis.plots import METRICS_FILE, VariantStyle, variant_styles
+from attnres.analysis.plots import (
+    METRICS_FILE,
+    VariantStyle,
+    plot_final_losses,
+    plot_loss_curves,
+    variant_styles,
+)
+from attnres.analysis.profiles import plot_depth_weights, plot_entropy, plot_profiles
 from attnres.analysis.stats import format_difference, format_mean_std, variant_stats
 
 RESULT_FILE = "result.json"
@@ -87,8 +94,6 @@ def _loss_section(
     title: str,
 ) -> list[str]:
     """Loss curves of the runs with ``metrics.jsonl``; without any, the final losses of ``result.json``."""
-    from attnres.analysis.plots import plot_final_losses, plot_loss_curves
-
     logged = {v: [d for d in dirs if (d / METRICS_FILE).exists()] for v, dirs in runs.items()}
     logged = {v: dirs for v, dirs in logged.items() if dirs}
     unlogged = [d.name for dirs in runs.values() for d in dirs if not (d / METRICS_FILE).exists()]
@@ -129,8 +134,6 @@ def write_report(run_or_compare_dir: str | Path, baseline: str = "prenorm") -> P
     across variants (mean over seeds), read entropy, and one depth-attention heatmap per variant
     that has reads. A variant has the same colour and line style in every plot.
     """
-    from attnres.analysis.profiles import plot_depth_weights, plot_entropy, plot_profiles
-
     root = Path(run_or_compare_dir)
     runs = _find_runs(root)
     styles = variant_styles(runs)

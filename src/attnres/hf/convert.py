@@ -7,7 +7,7 @@ tokenizer as a ``PreTrainedTokenizerFast`` (``tokenizer.json`` + ``tokenizer_con
 ``model_max_length`` is ``seq_len``), the model's code for ``trust_remote_code=True`` loading
 (:mod:`attnres.hf.remote_code`), and ``attnres_train_config.json``: the full training config,
 which lets ``from_hf`` restore the checkpoint exactly. ``from_hf(hf_dir, out)`` writes
-``out/checkpoint/`` in the layout ``attnres.train.checkpoint.load_model`` reads.
+``out/checkpoint/`` in the layout ``attnres.storage.checkpoint.load_model`` reads.
 """
 
 from __future__ import annotations
@@ -21,6 +21,14 @@ from attnres.configs import from_dict
 from attnres.hf.config import AttnResConfig
 from attnres.hf.modeling import AttnResForCausalLM
 from attnres.model import Transformer
+from attnres.storage.checkpoint import (
+    WEIGHTS_ONLY_STATE,
+    load_checkpoint_tokenizer,
+    load_model,
+    save_checkpoint,
+)
+from attnres.storage.config import TrainConfig
+from attnres.storage.tokenizer import EOT, BPETokenizer, ByteTokenizer
 
 TRAIN_CONFIG_FILE = "attnres_train_config.json"
 
@@ -83,9 +91,6 @@ def hf_tokenizer(ckpt: str | Path, model_max_length: int | None = None) -> Any:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from attnres.train.checkpoint import load_checkpoint_tokenizer
-    from attnres.train.data import EOT, ByteTokenizer
-
     ours = load_checkpoint_tokenizer(ckpt)
     is_byte = isinstance(ours, ByteTokenizer)
     backend = Tokenizer.from_str(byte_tokenizer_json(EOT)) if is_byte else ours.tok
@@ -97,8 +102,6 @@ def hf_tokenizer(ckpt: str | Path, model_max_length: int | None = None) -> Any:
 
 def to_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Convert the checkpoint of ``attnres train`` (run dir or checkpoint dir) to a transformers dir."""
-    from attnres.train.checkpoint import load_model
-
     model, train_cfg = load_model(ckpt)
     tokenizer = hf_tokenizer(ckpt, model_max_length=model.cfg.seq_len)
     out = Path(out)
@@ -117,9 +120,6 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
     is the default ``TrainConfig`` with this model's ``model`` section. There is no optimiser state,
     so the result loads, evaluates and samples, but cannot ``--resume``.
     """
-    from attnres.train.checkpoint import save_checkpoint
-    from attnres.train.config import TrainConfig
-
     hf_dir = Path(hf_dir)
     AttnResConfig.from_pretrained(hf_dir)  # a clear error for another architecture, before weights load
     if not any((hf_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
@@ -135,16 +135,12 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
             raise ValueError(f"{stored} describes another model than {hf_dir / 'config.json'}; delete one")
     else:
         train_cfg = dataclasses.replace(TrainConfig(), model=model.cfg)
-    return save_checkpoint(
-        out, model, train_cfg, _our_tokenizer(hf_dir), trainer_state={"weights_only": True}
-    )
+    return save_checkpoint(out, model, train_cfg, _our_tokenizer(hf_dir), trainer_state=WEIGHTS_ONLY_STATE)
 
 
 def _our_tokenizer(hf_dir: Path) -> Any:
     """The tokenizer of a transformers dir as ours: the byte tokenizer if it is one, else a BPE."""
     from tokenizers import Tokenizer
-
-    from attnres.train.data import EOT, BPETokenizer, ByteTokenizer
 
     path = hf_dir / "tokenizer.json"
     if not path.is_file():

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from attnres.configs import check_numbers
 from attnres.ops.dispatch import check_impl
+from attnres.residuals.registry import variant_class, variant_names
 
 
 @dataclass
@@ -106,8 +107,6 @@ class ResidualConfig:
     impl: str = "auto"
 
     def __post_init__(self) -> None:
-        from attnres.residuals.registry import variant_names
-
         if self.variant not in variant_names():
             raise ValueError(
                 f"unknown residual variant {self.variant!r}; valid variants: {', '.join(variant_names())}"
@@ -229,3 +228,8 @@ class ResidualScheme(nn.Module, ABC):
         The default is the identity.
         """
         return state
+
+
+def build_residual(cfg: ResidualConfig, d_model: int, n_sublayers: int) -> ResidualScheme:
+    """Instantiate the scheme ``cfg.variant`` for a model of width ``d_model`` and ``n_sublayers``."""
+    return variant_class(cfg.variant)(cfg, d_model, n_sublayers)

@@ -2,6 +2,9 @@
 
 Every module in this package is imported on first lookup, and each registers its classes with
 :func:`register`, so nothing else needs editing.
+
+This module is the bottom of ``attnres.residuals``: it imports nothing from the package, so the
+interface (:mod:`attnres.residuals.base`) and every variant can import it at module level.
 """
 
 from __future__ import annotations
@@ -10,19 +13,19 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
-if TYPE_CHECKING:
-    from attnres.residuals.base import ResidualConfig, ResidualScheme
+Scheme = TypeVar("Scheme", bound=type)
 
-_REGISTRY: dict[str, type[ResidualScheme]] = {}
+_REGISTRY: dict[str, type] = {}
 _loaded = False
 
 
-def register(name: str) -> Callable[[type[ResidualScheme]], type[ResidualScheme]]:
-    """Class decorator: make a scheme selectable as ``residual.variant=name``."""
+def register(name: str) -> Callable[[Scheme], Scheme]:
+    """Class decorator: make a scheme (a ``ResidualScheme`` subclass) selectable as
+    ``residual.variant=name``."""
 
-    def deco(cls: type[ResidualScheme]) -> type[ResidualScheme]:
+    def deco(cls: Scheme) -> Scheme:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"residual variant {name!r} is registered twice")
         _REGISTRY[name] = cls
@@ -65,13 +68,12 @@ def variant_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_residual(cfg: ResidualConfig, d_model: int, n_sublayers: int) -> ResidualScheme:
-    """Instantiate the scheme ``cfg.variant`` for a model of width ``d_model`` and ``n_sublayers``."""
+def variant_class(name: str) -> type:
+    """The scheme class registered as ``name``; a ValueError listing the valid names otherwise."""
     _load_all()
     try:
-        cls = _REGISTRY[cfg.variant]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(
-            f"unknown residual variant {cfg.variant!r}; valid variants: {', '.join(variant_names())}"
+            f"unknown residual variant {name!r}; valid variants: {', '.join(variant_names())}"
         ) from None
-    return cls(cfg, d_model, n_sublayers)

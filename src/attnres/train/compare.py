@@ -8,11 +8,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from attnres.analysis.stats import format_difference, format_mean_std, variant_stats
+from attnres.analysis.plots import plot_loss_curves
+from attnres.analysis.results import RunResult, read_result
+from attnres.analysis.stats import variant_stats
 from attnres.residuals import variant_names
-from attnres.train.checkpoint import has_checkpoint, run_config
-from attnres.train.config import TrainConfig, resume_conflicts
-from attnres.train.loop import RunResult, train
+from attnres.storage.checkpoint import has_checkpoint, run_config
+from attnres.storage.config import TrainConfig, resume_conflicts
+from attnres.train.loop import train
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -61,7 +63,7 @@ def _saved_result(cfg: TrainConfig, run_dir: Path) -> RunResult | None:
             "choose another --out, or delete that run directory to retrain it"
         )
     if saved.train.steps == cfg.train.steps and finished:
-        return RunResult(**json.loads((run_dir / "result.json").read_text()))
+        return read_result(run_dir)
     if not has_checkpoint(run_dir):
         raise ValueError(
             f"{run_dir} finished {saved.train.steps} steps and has no checkpoint to continue to "
@@ -97,8 +99,6 @@ def compare(
     ``cores // jobs`` threads (unless ``train.threads`` is set). Writes ``summary.json`` (per-run
     results and per-variant statistics) and ``loss_curves.png`` into ``out_dir``.
     """
-    from attnres.analysis.plots import plot_loss_curves
-
     if jobs < 1 or seeds < 1:
         raise ValueError(f"--jobs and --seeds must be >= 1, got {jobs} and {seeds}")
     out = Path(out_dir)
@@ -145,23 +145,3 @@ def compare(
         f"{seeds} seed(s)",
     )
     return results
-
-
-def summary_table(results: list[RunResult], baseline: str = "prenorm") -> str:
-    """A plain-text table of :func:`~attnres.analysis.stats.variant_stats`: the compute per run, so
-    runs compare at equal compute, and each variant's paired difference to the baseline with its
-    95% interval."""
-    head = (
-        f"{'variant':<13} {'seeds':>5} {'val loss (mean ± std)':>22} {'vs ' + baseline + ' [95% CI]':>34} "
-        f"{'tokens':>9} {'FLOPs':>9} {'params':>9} {'tok/s':>7}"
-    )
-    lines = [head, "-" * len(head)]
-    for row in variant_stats([dataclasses.asdict(r) for r in results], baseline):
-        delta = format_difference(row, baseline)
-        lines.append(
-            f"{row['variant']:<13} {row['seeds']:>5} "
-            f"{format_mean_std(row['val_loss_mean'], row['val_loss_std'], row['seeds']):>22} "
-            f"{delta:>34} {row['train_tokens']:>9.3g} {row['train_flops']:>9.3g} {row['n_params']:>9,} "
-            f"{row['tokens_per_s']:>7,.0f}"
-        )
-    return "\n".join(lines)

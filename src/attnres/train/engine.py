@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from attnres.distributed.config import ParallelConfig
 from attnres.distributed.data_parallel import (
     DistEnv,
     checkpoint_model,
@@ -53,7 +54,7 @@ from attnres.distributed.pipeline_train import (
 )
 from attnres.model import Transformer, lm_loss
 from attnres.model.transformer import IGNORE_INDEX
-from attnres.train.config import ParallelConfig, TrainConfig
+from attnres.storage.config import TrainConfig
 from attnres.train.optim import OptimizerGroup, build_optimizer
 from attnres.train.precision import Precision
 

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor, nn
 
+from attnres.analysis.diagnostics import collect_diagnostics
+
 #: package each logger needs, all in the ``log`` extra
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 TENSORBOARD_DIR = "tensorboard"
@@ -94,8 +96,6 @@ class Logger:
     def log_diagnostics(self, step: int, model: nn.Module, tokens: Tensor, targets: Tensor) -> None:
         """Collect the AttnRes diagnostics of ``model`` on a held-out batch and log them: scalars
         (:func:`diagnostic_scalars`) and the depth-weight heatmap (:func:`depth_weight_image`)."""
-        from attnres.analysis.diagnostics import collect_diagnostics
-
         diag = collect_diagnostics(model, tokens, targets)  # the parameters' .grad is untouched
         self.log_scalars(step, diagnostic_scalars(diag))
         image = depth_weight_image(diag, f"{diag['variant']}, step {step}")

@@ -10,7 +10,6 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,41 +17,23 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import attnres
+from attnres.analysis.diagnostics import save_diagnostics
+from attnres.analysis.results import RunResult, read_result, write_result
 from attnres.distributed.data_parallel import DistEnv, init_distributed
 from attnres.model import Transformer
 from attnres.model.compile import check_compile_supported
-from attnres.train.checkpoint import has_checkpoint, load_model, load_trainer_state, save_checkpoint
-from attnres.train.config import TrainConfig
-from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus, tokenizer_key
+from attnres.storage.checkpoint import has_checkpoint, load_model, save_checkpoint
+from attnres.storage.config import TrainConfig
+from attnres.storage.tokenizer import tokenizer_key
+from attnres.train.checkpoint import load_trainer_state
+from attnres.train.data import Batches, build_tokenizer, load_corpus, tokenize_corpus
 from attnres.train.engine import Engine, ReplicatedEngine, build_engine, check_world_size
 from attnres.train.loggers import NullLogger, open_logger, require_logger
 from attnres.train.optim import lr_multiplier
 from attnres.train.paths import make_dir
 from attnres.train.precision import check_precision_supported
 from attnres.train.run_dir import GracefulStop, RunDirLock, TrainingInterrupted, metrics_up_to
-
-
-@dataclass
-class RunResult:
-    """What a finished run reports (also written to ``OUT/result.json``).
-
-    ``seconds`` (wall time of the training loop) and ``tokens_per_s`` (over timed steps: all but
-    each session's first) cover every session of a resumed run, whatever device, threads or
-    parallel layout each session used; a session's time ends at its last checkpoint. Resumed from
-    a checkpoint written before timing was kept there, ``seconds`` is NaN and ``tokens_per_s``
-    covers the later sessions only.
-    """
-
-    variant: str
-    seed: int
-    steps: int
-    final_val_loss: float
-    final_train_loss: float
-    tokens_per_s: float
-    n_params: int
-    train_tokens: int
-    train_flops: float
-    seconds: float
 
 
 def model_flops_per_token(model: Transformer) -> float:
@@ -67,8 +48,6 @@ def model_flops_per_token(model: Transformer) -> float:
 
 def run_info() -> dict[str, Any]:
     """Versions and git commit, written beside every run."""
-    import attnres
-
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -224,7 +203,7 @@ def _train(
             )
         if start == loop.steps and (out / "result.json").exists():
             log(f"{out} finished all {start} steps earlier; nothing to train")
-            return RunResult(**json.loads((out / "result.json").read_text()))
+            return read_result(out)
         log(f"resumed {out} at step {start}")
     elif env.is_main:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # an attempt that stopped before any checkpoint
@@ -351,9 +330,7 @@ def _train(
         seconds=run_timing()["seconds"],
     )
     if end == loop.steps and plain is not None:  # distributed runs skip the diagnostics
-        from attnres.analysis.diagnostics import save_diagnostics
-
         save_diagnostics(plain, *held_out, out)
     if end == loop.steps and env.is_main:
-        (out / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+        write_result(result, out)
     return result

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnres.train.config import OptimConfig, ScheduleConfig
+from attnres.storage.config import OptimConfig, ScheduleConfig
 
 
 class OptimizerGroup:
@@ -38,17 +38,6 @@ class OptimizerGroup:
     def set_lr(self, multiplier: float) -> None:
         for group in self.param_groups:
             group["lr"] = group["base_lr"] * multiplier
-
-    def state_dict(self) -> list[dict[str, Any]]:
-        return [opt.state_dict() for opt in self.optimizers]
-
-    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
-        if len(states) != len(self.optimizers):
-            raise ValueError(
-                f"checkpoint has {len(states)} optimiser states, this run has {len(self.optimizers)}"
-            )
-        for opt, state in zip(self.optimizers, states, strict=True):
-            opt.load_state_dict(state)
 
 
 def _is_vector_like(name: str) -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attnres.train.config import PRECISIONS
+from attnres.storage.config import PRECISIONS
 from attnres.train.optim import OptimizerGroup
 
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from attnres.model import ModelConfig
 from attnres.residuals import ResidualConfig
-from attnres.train.config import DataConfig, LoopConfig, ScheduleConfig, TrainConfig
+from attnres.storage.config import DataConfig, LoopConfig, ScheduleConfig, TrainConfig
 
 PRESETS: dict[str, Callable[[], TrainConfig]] = {}
 
