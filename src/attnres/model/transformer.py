@@ -384,26 +384,27 @@ class Transformer(nn.Module):
             recompute: checkpoint each sublayer ``f_l(h)`` (``"sublayer"`` activation checkpointing).
             layer_inputs: as in :meth:`hidden`.
 
-        Unless ``recompute`` or ``layer_inputs`` needs the input before its norm, each sublayer first
-        asks ``residual.fused_normed_input`` for its normalised input (AttnRes without gradients
-        fuses the pre-norm into its read; the sublayer then skips its norm, and forward hooks on it
-        see that normalised input); otherwise it gets ``layer_input`` and applies its own norm.
+        Unless ``recompute`` (which checkpoints the sublayer with its input before the norm), each
+        sublayer first asks ``residual.fused_normed_input`` for its normalised input (AttnRes
+        without gradients fuses the pre-norm into its read; the sublayer then skips its norm, and
+        forward hooks on it see that normalised input); otherwise it gets ``layer_input`` and
+        applies its own norm. ``layer_inputs`` are read with ``layer_input`` in either case.
         """
         for layer in range(start, stop):
             sublayer = self.sublayers[layer]
-            # recomputation and layer_inputs need the input before its norm
-            plain = recompute or layer_inputs is not None
-            x = None if plain else self.residual.fused_normed_input(state, layer, sublayer.norm)
+            recorded = layer_inputs is not None and layer % 2 == 0
+            # a recomputed sublayer is checkpointed with its input before the norm
+            x = None if recompute else self.residual.fused_normed_input(state, layer, sublayer.norm)
+            # recorded inputs are read again, unfused: recording them leaves the forward's numbers as they are
+            h = self.residual.layer_input(state, layer) if x is None or recorded else None
+            if recorded:
+                layer_inputs.append(h)
             if x is not None:  # the read applied the sublayer's pre-norm in its own pass
                 out = sublayer(x, cos, sin, cache=cache, normed=True)
+            elif recompute:
+                out = checkpoint(sublayer, h, cos, sin, use_reentrant=False)
             else:
-                h = self.residual.layer_input(state, layer)
-                if layer_inputs is not None and layer % 2 == 0:
-                    layer_inputs.append(h)
-                if recompute:
-                    out = checkpoint(sublayer, h, cos, sin, use_reentrant=False)
-                else:
-                    out = sublayer(h, cos, sin, cache=cache)
+                out = sublayer(h, cos, sin, cache=cache)
             state = self.residual.update(state, layer, out)
         return state
 
