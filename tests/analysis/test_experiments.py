@@ -172,3 +172,12 @@ def test_lr_sweep_divergence_and_the_rates_to_add(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == ["0.012"]  # prenorm's best is the top edge
     # at most two steps of 2x beyond the base grid: 0.006 is already two above a grid ending at 0.0015
     assert load_sweep(tmp_path).next_rates([0.000375, 0.00075, 0.0015]) == []
+
+
+def test_lr_sweep_best_rate_uses_the_seeds_every_rate_has(tmp_path):
+    for lr, loss in {0.0015: 5.10, 0.003: 5.00, 0.006: 5.02}.items():
+        for seed in range(3):
+            write_run(tmp_path / "runs" / f"lr{lr:g}", "prenorm", seed, loss + 0.01 * seed, lr=lr)
+    for seed in range(3, 6):  # extra seeds at 0.006, all low: they do not move the choice to 0.006
+        write_run(tmp_path / "runs" / "lr0.006", "prenorm", seed, 4.0, lr=0.006)
+    assert load_sweep(tmp_path).best("prenorm") == 0.003

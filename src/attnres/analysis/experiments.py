@@ -126,7 +126,8 @@ class PilotRule:
     bound what a setting may cost; ``parallel``: runs trained at once (one thread each);
     ``tie``: settings whose costs are within this factor count as tied (the one with more tokens
     per run, then more sublayers, wins); ``min_pairs``: a setting with fewer finished pairs is
-    not eligible.
+    not eligible; ``sd_confidence``: the one-sided level of the sd's upper bound; ``overhead_s``:
+    what a run costs beyond the ``seconds`` its ``result.json`` reports.
     """
 
     delta: float = 0.02
@@ -134,11 +135,12 @@ class PilotRule:
     level: float = 0.95
     min_seeds: int = 5
     arms: int = 14
-    budget_hours: float = 3.5
+    budget_hours: float = 3.0
     parallel: int = 2
     tie: float = 1.1
     min_pairs: int = 3
     sd_confidence: float = 0.8
+    overhead_s: float = 10.0  # per run, outside its timed loop: start-up, data, diagnostics
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class SettingStats:
     paired: PairedDiff | None
     sd: float
     sd_upper: float
-    run_seconds: float  # mean wall time of one run (prenorm and block alike), one thread
+    run_seconds: float  # mean wall time of one run (prenorm and block alike, one thread), with overhead
     seeds: int | None  # needed at the point estimate of sd
     seeds_upper: int | None  # needed at its upper confidence bound
     affordable: int  # the most seeds E1 can afford at this setting
@@ -176,7 +178,7 @@ def setting_stats(
     sd = statistics.stdev(diffs.values()) if len(diffs) > 1 and finite else math.nan
     secs = [float(r.result["seconds"]) for r in runs if r.variant in (baseline, variant)]
     secs = [s for s in secs if math.isfinite(s)]
-    run_seconds = statistics.fmean(secs) if secs else math.nan
+    run_seconds = statistics.fmean(secs) + rule.overhead_s if secs else math.nan
     cfg = next((r.config for r in runs if r.config), {})
     m = cfg.get("model", {})
     tokens = int(runs[0].result["train_tokens"])
@@ -325,7 +327,7 @@ def pilot_report(
         "",
         "The mean difference is shown for completeness: the pilot is not powered to estimate it, and it "
         "does not enter the decision. s per run: the mean `seconds` of the setting's runs (one thread "
-        "each, two runs at a time).",
+        f"each, two runs at a time) plus {rule.overhead_s:g} s of start-up outside the timed loop.",
         "",
         f"## Seeds needed to show a true difference of {rule.delta} nats",
         "",
@@ -392,20 +394,26 @@ class Sweep:
     diverged: set[tuple[str, float]]
     config: dict[str, Any]
 
-    def mean(self, variant: str, lr: float) -> float:
-        values = self.losses.get((variant, lr), {})
-        return statistics.fmean(values.values()) if values else math.nan
-
     def best(self, variant: str) -> float | None:
-        """The rate with the lowest mean loss over seeds; a rate where a run diverged never is."""
+        """The rate with the lowest mean loss over the seeds that every rate of ``variant`` has (so
+        seeds added later at one rate do not move the choice); a rate where a run diverged never is."""
         tried = [
             lr
             for lr in self.rates
             if (variant, lr) not in self.diverged
             and self.losses.get((variant, lr))
-            and math.isfinite(self.mean(variant, lr))
+            and _finite(self.losses[variant, lr])
         ]
-        return min(tried, key=lambda lr: self.mean(variant, lr)) if tried else None
+        if not tried:
+            return None
+        common = set.intersection(*(set(self.losses[variant, lr]) for lr in tried))
+        if not common:
+            return None
+
+        def mean_common(lr: float) -> float:
+            return statistics.fmean(self.losses[variant, lr][s] for s in sorted(common))
+
+        return min(tried, key=mean_common)
 
     def next_rates(self, grid: Sequence[float], factor: float = 2.0, extensions: int = 2) -> list[float]:
         """Rates to add because a variant's best is on the edge of what was run: the next rate out
@@ -492,7 +500,8 @@ def lr_sweep_report(root: str | Path, baseline: str = "prenorm") -> Path:
     ]
     lines += [
         "",
-        "Bold: each variant's best rate (lowest mean over seeds; a rate where a run diverged never is).",
+        "Bold: each variant's best rate: the lowest mean over the seeds that every rate has (a rate "
+        "where a run diverged never is). The best rates may have more seeds than the others (protocol).",
     ]
     if edge:
         lines += [f"**On the edge of the grid:** {', '.join(edge)}: the best rate may lie outside it."]
