@@ -12,9 +12,8 @@ import pytest
 from attnres.analysis.report import write_report
 from attnres.cli import main
 from attnres.configs import apply_overrides, from_dict
-from attnres.train import get_preset
+from attnres.train import TrainConfig, get_preset
 from attnres.train.compare import compare
-from attnres.train.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
