@@ -26,7 +26,7 @@ from attnres.dropin import AttnResidual
 from attnres.model import ModelConfig, Transformer
 from attnres.model.cache import KVCache
 from attnres.model.generate import SamplingConfig, generate
-from attnres.residuals import ResidualConfig
+from attnres.residuals import ResidualConfig, options_class, variant_names
 
 NAN = float("nan")
 
@@ -139,7 +139,7 @@ CASES = [
         id="model-d-model-float",
     ),
     pytest.param(
-        lambda _: ResidualConfig(eps=NAN),
+        lambda _: ResidualConfig(variant="block", eps=NAN),
         ValueError,
         r"residual\.eps must be a finite",
         id="residual-eps-nan",
@@ -151,7 +151,7 @@ CASES = [
         id="residual-gate-bias-inf",
     ),
     pytest.param(
-        lambda _: ResidualConfig(block_size=2.5),
+        lambda _: ResidualConfig(variant="block", block_size=2.5),
         TypeError,
         r"residual\.block_size must be an integer",
         id="residual-block-size-float",
@@ -324,7 +324,7 @@ def _is_float(tp: Any) -> bool:
 
 FLOAT_FIELDS = [
     pytest.param(cls, f.name, id=f"{_section(cls)}.{f.name}")
-    for cls in (ModelConfig, ResidualConfig)
+    for cls in (ModelConfig, *dict.fromkeys(options_class(v) for v in variant_names()))
     for f in dataclasses.fields(cls)
     if _is_float(typing.get_type_hints(cls)[f.name])
 ]

@@ -11,7 +11,7 @@ import pytest
 
 from attnres.cli import main
 from attnres.configs import describe_keys, field_docs, valid_keys
-from attnres.residuals import ResidualConfig
+from attnres.residuals import options_class, variant_names
 from attnres.storage.config import OptimConfig, TrainConfig
 from attnres.train import get_preset
 from attnres.train.presets import PRESETS
@@ -153,8 +153,26 @@ def test_every_config_key_has_a_doc_from_its_docstring() -> None:
     assert [k.key for k in keys if not k.doc] == []  # a new field needs its Attributes: entry
     docs = field_docs(OptimConfig)
     assert docs["beta1"] == docs["beta2"] == "AdamW betas."  # "beta1, beta2: ..." documents both
-    residual = field_docs(ResidualConfig)  # entries under the group headings after Attributes:
-    assert set(residual) == {f.name for f in dataclasses.fields(ResidualConfig)}
-    assert residual["window"].startswith("swa: the number of most recent sublayer outputs")
-    assert residual["gate_bias"].endswith("(paper range -1 … -3).")
-    assert "Multi-stream options" not in residual["window"]  # a heading ends the entry before it
+    for variant in variant_names():  # each variant's options, its own and inherited, are documented
+        options = options_class(variant)
+        assert set(field_docs(options)) == {f.name for f in dataclasses.fields(options)}, variant
+    assert field_docs(options_class("swa"))["window"].startswith("the number of most recent sublayer outputs")
+    assert field_docs(options_class("highway"))["gate_bias"].endswith("(paper range -1 … -3).")
+    grouped = field_docs(_Grouped)  # entries under the group headings after Attributes:
+    assert set(grouped) == {"window", "n_streams"} and grouped["window"] == "the window."
+    assert "Multi-stream options" not in grouped["window"]  # a heading ends the entry before it
+
+
+@dataclasses.dataclass
+class _Grouped:
+    """Entries under headings.
+
+    Attributes:
+        window: the window.
+
+    Multi-stream options:
+        n_streams: residual streams.
+    """
+
+    window: int = 8
+    n_streams: int = 4

@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
 
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
     from attnres.analysis.results import summary_table
-    from attnres.train.compare import compare, parse_variants
+    from attnres.train.compare import check_residual_options, compare, parse_variants
 
     overridden = {"model.residual.variant", "train.seed"} & set(parse_overrides(extra))
     if overridden:  # compare sets both per run; the flag would be dropped without a word
@@ -116,11 +116,17 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
             f"attnres compare sets {', '.join(sorted(overridden))} itself: choose variants with "
             "--variants and the number of seeds (0 … N-1) with --seeds"
         )
-    cfg = _config(args, extra)
+    # residual options go to the variants that have them (each variant has its own options)
+    flags = parse_overrides(extra)
+    residual = {k.removeprefix("model.residual."): v for k, v in flags.items() if k.startswith("model.residual.")}
+    rest = [f"--{k}={v}" for k, v in flags.items() if not k.startswith("model.residual.")]
+    variants = parse_variants(args.variants)
+    check_residual_options(variants, residual)
+    cfg = _config(args, rest)
     if args.print_config:  # the shared config; compare sets the variant and the seed of each run
         _print_config(cfg)
         return
-    results = compare(cfg, parse_variants(args.variants), args.seeds, args.out, jobs=args.jobs)
+    results = compare(cfg, variants, args.seeds, args.out, jobs=args.jobs, residual=residual)
     print()
     print(summary_table(results))
     print(f"\nsummary: {args.out}/summary.json   curves: {args.out}/loss_curves.png")

@@ -94,14 +94,16 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (a Python value or an override string) to ``tp``, or raise ConfigError."""
+def _coerce(value: Any, tp: Any, key: str, base: dict[str, Any] | None = None) -> Any:
+    """Convert ``value`` (a Python value or an override string) to ``tp``, or raise ConfigError.
+
+    ``base``: for a dataclass section, the values its fields take where ``value`` has none."""
     tp, optional = _unwrap_optional(tp)
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
         return None
     if dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
-            return from_dict(tp, value, prefix=f"{key}.")
+            return from_dict(tp, value, prefix=f"{key}.", base=base)
         raise ConfigError(f"{key} is a section; set its fields as {key}.<field>=value")
     if tp is bool:
         if isinstance(value, bool):
@@ -161,25 +163,63 @@ def unknown_key_message(key: str, valid: list[str]) -> str:
     return f"{message}; keys start with: {', '.join(s + '.' for s in sections)}"
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise :class:`ConfigError`."""
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: dict[str, Any] | None = None) -> T:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise :class:`ConfigError`.
+
+    ``base`` (a nested dict, e.g. ``dataclasses.asdict`` of a config) supplies the fields ``data``
+    leaves out; without it they take their defaults. A dataclass with a ``resolve_config(data,
+    base, prefix)`` classmethod is a section whose class depends on its contents (the residual
+    section: one options class per variant): it returns the class to build and the keys to build it
+    from, and raises for keys that class lacks; ``base`` keys the class lacks are dropped.
+    """
+    base = base or {}
+    cls, data = _resolve(cls, data, base, prefix)
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
         raise ConfigError(
             "; ".join(unknown_key_message(prefix + k, [prefix + v for v in types_]) for k in unknown)
         )
-    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
+    kwargs = {}
+    for name, tp in types_.items():
+        below = base.get(name) if isinstance(base.get(name), dict) else None
+        if name in data:
+            kwargs[name] = _coerce(data[name], tp, prefix + name, below)
+        elif name in base:
+            kwargs[name] = _coerce({} if below is not None else base[name], tp, prefix + name, below)
     return cls(**kwargs)
 
 
-def valid_keys(cls: type, prefix: str = "") -> list[str]:
-    """All dotted leaf keys of dataclass ``cls``."""
+def _resolve(cls: type, data: dict[str, Any], base: dict[str, Any], prefix: str) -> tuple[type, dict[str, Any]]:
+    """``cls`` and ``data``, or what ``cls.resolve_config`` makes of them (see :func:`from_dict`)."""
+    resolve = getattr(cls, "resolve_config", None)
+    return resolve(data, base, prefix) if resolve is not None else (cls, data)
+
+
+def valid_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of dataclass ``cfg``: a class, or an instance (whose sections may be
+    subclasses of their declared types, e.g. the residual section's options class)."""
     keys: list[str] = []
-    for name, tp in _field_types(cls).items():
-        inner, _ = _unwrap_optional(tp)
+    for name, tp in _field_types(cfg if isinstance(cfg, type) else type(cfg)).items():
+        inner = _unwrap_optional(tp)[0] if isinstance(cfg, type) else getattr(cfg, name)
         if dataclasses.is_dataclass(inner):
             keys += valid_keys(inner, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _accepted_keys(cls: type, data: dict[str, Any], base: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted leaf keys a ``from_dict(cls, data, base=base)`` accepts: the fields of the classes
+    ``data`` resolves to, and keys a ``resolve_config`` drops as obsolete."""
+    cls, kept = _resolve(cls, data, base, prefix)
+    keys = [prefix + k for k in data if k not in kept]
+    for name, tp in _field_types(cls).items():
+        inner = _unwrap_optional(tp)[0]
+        if dataclasses.is_dataclass(inner):
+            sub, below = kept.get(name), base.get(name)
+            sub = sub if isinstance(sub, dict) else {}
+            keys += _accepted_keys(inner, sub, below if isinstance(below, dict) else {}, f"{prefix}{name}.")
         else:
             keys.append(prefix + name)
     return keys
@@ -189,33 +229,41 @@ def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
     """Return a copy of ``cfg`` with dotted ``{"section.key": "value"}`` overrides applied.
 
     Values (strings from the command line, or the JSON/YAML values of a config file) are parsed to
-    the field's declared type; the copy is re-validated by each dataclass's ``__post_init__``.
+    the field's declared type; the copy is re-validated by each dataclass's ``__post_init__``. Keys
+    are those of the config the overrides make: ``model.residual.variant=hc`` makes the keys of
+    ``hc``'s options valid, and drops the options of ``cfg``'s variant that ``hc`` lacks.
     """
-    data = dataclasses.asdict(cfg)
-    all_keys = valid_keys(type(cfg))
+    given: dict[str, Any] = {}
     for dotted, raw in overrides.items():
+        *path, leaf = dotted.split(".")
+        node = given
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = raw
+    base = dataclasses.asdict(cfg)
+    all_keys = _accepted_keys(type(cfg), given, base)
+    for dotted in overrides:
         if dotted not in all_keys:
             raise ConfigError(unknown_key_message(dotted, all_keys))
-        node, node_cls = data, type(cfg)
-        *path, leaf = dotted.split(".")
-        for part in path:
-            node_cls = _unwrap_optional(_field_types(node_cls)[part])[0]
-            node = node[part]
-        node[leaf] = _coerce(raw, _field_types(node_cls)[leaf], dotted)
-    return from_dict(type(cfg), data)
+    return from_dict(type(cfg), given, base=base)
 
 
 def config_diff(a: Any, b: Any, ignore: Iterable[str] = ()) -> list[str]:
     """Dotted keys (``"optim.lr"``) where dataclass configs ``a`` and ``b`` differ, except ``ignore``."""
     skip = set(ignore)
 
+    missing = object()
+
     def walk(x: dict[str, Any], y: dict[str, Any], prefix: str) -> list[str]:
         out = []
-        for k in x:
+        for k in [*x, *(k for k in y if k not in x)]:  # a section's keys may differ (residual options)
             key = prefix + k
-            if isinstance(x[k], dict):
-                out += walk(x[k], y[k], key + ".")
-            elif x[k] != y[k] and key not in skip:
+            u, v = x.get(k, missing), y.get(k, missing)
+            if isinstance(u, dict) and isinstance(v, dict):
+                out += walk(u, v, key + ".")
+            elif u != v and key not in skip:
                 out.append(key)
         return out
 
@@ -294,14 +342,22 @@ def field_docs(cls: type) -> dict[str, str]:
     """Field name -> description, parsed from the ``Attributes:`` part of ``cls``'s docstring.
 
     An entry is ``name: text`` (or ``a, b: text`` for several fields), continued by lines indented
-    deeper than it. Entries may sit under several headed groups after ``Attributes:`` (as in
-    ``ResidualConfig``); only names of ``cls``'s fields count. RST double backticks are dropped.
+    deeper than it. Entries may sit under several headed groups after ``Attributes:``; only names
+    of ``cls``'s fields count. A field inherited from a dataclass base is documented in the base's
+    docstring (a subclass's entry wins). RST double backticks are dropped.
     """
-    doc = inspect.getdoc(cls) or ""
-    _, found, rest = doc.partition("Attributes:")
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass) and "__doc__" in vars(klass):
+            docs.update(_attribute_docs(klass.__doc__ or "", names))
+    return docs
+
+
+def _attribute_docs(doc: str, names: set[str]) -> dict[str, str]:
+    _, found, rest = inspect.cleandoc(doc).partition("Attributes:")
     if not found:
         return {}
-    names = {f.name for f in dataclasses.fields(cls)}
     entries: list[tuple[list[str], list[str]]] = []  # (field names, lines of text)
     indent, open_entry = -1, False
     for line in rest.splitlines():

@@ -16,6 +16,7 @@ or, with a list of sublayers ``f(h)`` that each apply their own norm: ``x = self
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -81,8 +82,11 @@ class AttnResidual(nn.Module):
             layer: attention and MLP).
         variant: any name in ``attnres.residuals.variant_names()``: ``"block"`` (Block AttnRes),
             ``"full"`` (Full AttnRes), ``"prenorm"`` (the standard residual, to compare against) …
-        block_size: Block AttnRes block size in sublayers (``None``: about 8 blocks).
-        eps: epsilon of the key RMSNorm in depth reads.
+        block_size: Block AttnRes block size in sublayers (``None``: about 8 blocks); ignored by a
+            variant without blocks.
+        eps: epsilon of the key RMSNorm in depth reads; ignored by a variant without it.
+        options: any other option of the variant (its ``ResidualConfig`` fields, e.g.
+            ``n_streams=2`` for ``hc``); an option the variant lacks is an error.
 
     Block/Full AttnRes add ``2 * d_model`` parameters per read site (``n_sublayers + 1`` sites): the
     pseudo-queries, which must start at **zero**, and key-norm gains at one. If your model runs its
@@ -96,12 +100,15 @@ class AttnResidual(nn.Module):
         variant: str = "block",
         block_size: int | None = None,
         eps: float = 1e-6,
+        **options: Any,
     ) -> None:
         super().__init__()
         check_int("d_model", d_model, minimum=1)
         check_int("n_sublayers", n_sublayers, minimum=1)
         # block_size and eps are checked (by name, finite) by ResidualConfig
-        cfg = ResidualConfig(variant=variant, block_size=block_size, eps=eps)
+        cfg = ResidualConfig.for_variant(variant, block_size=block_size, eps=eps)
+        if options:
+            cfg = dataclasses.replace(cfg, **options)
         self.scheme = build_residual(cfg, d_model, n_sublayers)
 
     @property

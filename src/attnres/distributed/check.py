@@ -52,7 +52,7 @@ def build_model(case: PipelineCase) -> Transformer:
         n_layers=case.n_layers,
         n_heads=4,
         seq_len=case.seq_len,
-        residual=ResidualConfig(case.variant, block_size=case.block_size),
+        residual=ResidualConfig.for_variant(case.variant, block_size=case.block_size),
     )
     model = Transformer(cfg).to(getattr(torch, case.dtype))
     with torch.no_grad():

@@ -58,7 +58,8 @@ class AttnResConfig(PretrainedConfig):
     """transformers config for :class:`attnres.hf.AttnResForCausalLM` (``model_type="attnres"``).
 
     Keyword arguments are the fields of :class:`attnres.model.ModelConfig` (``residual`` as a dict
-    of :class:`attnres.residuals.ResidualConfig` fields), their transformers aliases in
+    of the variant's :class:`attnres.residuals.ResidualConfig` fields: ``variant``, ``impl`` and its
+    options), their transformers aliases in
     ``HF_ALIASES``, the token ids, ``use_cache``, and the generic transformers keys. Any other key is
     an error: a model we cannot build faithfully must not load silently.
 
@@ -96,7 +97,9 @@ class AttnResConfig(PretrainedConfig):
                 f"unsupported AttnResConfig key(s): {', '.join(unknown)}. The reference model has no such "
                 f"option; valid architecture keys: {', '.join(arch)} (aliases: {', '.join(HF_ALIASES)})"
             )
-        from_dict(ModelConfig, arch)  # validates every value, with messages that name the fix
+        built = from_dict(ModelConfig, arch)  # validates every value, with messages that name the fix
+        # the variant's options only (a residual dict in the old flat layout is migrated)
+        arch["residual"] = dataclasses.asdict(built.residual)
         for name, value in arch.items():
             setattr(self, name, value)
         for name, default in _HF_FIELDS.items():

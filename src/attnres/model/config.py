@@ -25,7 +25,7 @@ class ModelConfig:
         norm_eps: epsilon of every RMSNorm.
         tie_embeddings: share the embedding and LM head matrices.
         init_std: std of the normal init of weight matrices (see ``Transformer.init_weights``).
-        residual: the residual scheme (``prenorm``, ``block``, ``full`` …).
+        residual: the residual scheme (``prenorm``, ``block``, ``full`` …) and its options.
     """
 
     vocab_size: int = 256
@@ -43,7 +43,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.residual, dict):
-            self.residual = ResidualConfig(**self.residual)
+            self.residual = ResidualConfig.from_mapping(self.residual)
         check_numbers(self, "model.")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len"):
             if getattr(self, name) < 1:

@@ -49,8 +49,76 @@ from attnres.ops.stacked import (
     stacked_phase1,
 )
 from attnres.ops.two_phase import phase1, phase2_merge
-from attnres.residuals.base import ResidualConfig, ResidualScheme, to_stream
+from attnres.residuals.base import (
+    ResidualConfig,
+    ResidualScheme,
+    check_at_least,
+    check_choice,
+    check_eps,
+    to_stream,
+)
 from attnres.residuals.registry import register
+
+
+@dataclass
+class DepthReadOptions(ResidualConfig):
+    """Options of Full AttnRes, and of every read by depth attention (``block``, ``swa`` add theirs).
+
+    The defaults are the paper's method; the others are the ablations of paper Table 4.
+
+    Attributes:
+        eps: epsilon of the key RMSNorm in depth reads.
+        query: ``"learned"`` a pseudo-query ``w_l`` per read site (paper); ``"input"`` a ``d×d``
+            projection of the newest source (input-dependent query); ``"none"`` learned scalar
+            logits per (read site, source), no query or key (input-independent mixing).
+        normalizer: ``"softmax"`` over sources (paper) or ``"sigmoid"`` per source.
+        key_norm: RMS-normalise the keys (paper); ``False`` scores the raw sources.
+        heads: depth-attention heads, ``H`` groups of channels with their own weights. ``None``
+            is 1.
+        query_init: ``"zero"`` or ``None`` (the same): pseudo-queries start at zero (SPEC §2).
+    """
+
+    variant: str = "full"
+    eps: float = 1e-6
+    query: str = "learned"
+    normalizer: str = "softmax"
+    key_norm: bool = True
+    heads: int | None = None
+    query_init: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_eps(self)
+        check_choice(self, "query", ("learned", "input", "none"))
+        check_choice(self, "normalizer", ("softmax", "sigmoid"))
+        check_choice(self, "query_init", ("zero", "normal"))
+        check_at_least(self, "heads")
+
+
+def check_block_size(cfg: ResidualConfig) -> None:
+    """Raise unless ``cfg.block_size`` is ``None`` or at least 1 sublayer."""
+    if cfg.block_size is not None and cfg.block_size < 1:
+        raise ValueError(
+            f"residual.block_size must be >= 1 sublayer (got {cfg.block_size}); "
+            "use 1 for Full AttnRes, or None for the default of about 8 blocks"
+        )
+
+
+@dataclass
+class BlockOptions(DepthReadOptions):
+    """Options of Block AttnRes: those of :class:`DepthReadOptions`, and the block size.
+
+    Attributes:
+        block_size: AttnRes block size ``S`` in *sublayers* (attention and MLP count one each).
+            ``None`` picks the paper's default of about 8 blocks, ``S = ceil(L / 8)``.
+    """
+
+    variant: str = "block"
+    block_size: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_block_size(self)
 
 
 @dataclass(frozen=True)
@@ -120,7 +188,7 @@ class BlockAttnRes(ResidualScheme):
         uniform average of the sources (the paper calls this essential for stable training).
         ``key_gain [L+1, d]``: key RMSNorm gains ``γ_l``, one at init.
 
-    The ablation switches of paper Table 4 are options in :class:`ResidualConfig` (the defaults
+    The ablation switches of paper Table 4 are options in :class:`DepthReadOptions` (the defaults
     are the paper's read; see :mod:`attnres.ops.general` for the math):
 
     - ``query="input"``: input-dependent query ``q_l = W_l · rmsnorm(x)``, with ``query_proj
@@ -138,6 +206,8 @@ class BlockAttnRes(ResidualScheme):
     - ``heads=H``: ``H`` channel groups, each with its own weights from its slice of the query
       and key; ``H = 1`` is the single-head read.
     """
+
+    options = BlockOptions
 
     def __init__(self, cfg: ResidualConfig, d_model: int, n_sublayers: int) -> None:
         super().__init__(cfg, d_model, n_sublayers)
@@ -384,6 +454,8 @@ class BlockAttnRes(ResidualScheme):
 @register("full")
 class FullAttnRes(BlockAttnRes):
     """Full AttnRes: every sublayer output is its own source (``S = 1``; paper Eq. 2–4)."""
+
+    options = DepthReadOptions
 
     @staticmethod
     def _block_size(cfg: ResidualConfig, n_sublayers: int) -> int:

@@ -32,110 +32,198 @@ next group :meth:`ResidualScheme.resume` rebuilds what ``carry`` dropped.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from attnres.configs import check_numbers
+from attnres.configs import ConfigError, check_numbers
 from attnres.ops.dispatch import check_impl
-from attnres.residuals.registry import variant_class, variant_names
+from attnres.residuals.registry import options_class, variant_class, variant_names, variants_with_option
 
 
 @dataclass
 class ResidualConfig:
-    """Which residual variant the model uses, and its options.
+    """Which residual variant the model uses, and that variant's options.
+
+    Every variant declares its options in its own file, as a dataclass subclass of this one (for
+    example :class:`~attnres.residuals.attnres.BlockOptions`), and names it in its scheme class's
+    ``options``. ``ResidualConfig(variant="block", block_size=4)`` builds the variant's class, so a
+    config holds exactly the options its variant reads; any other key is an error that lists the
+    valid ones. A variant without options (``prenorm``, ``rezero``) uses this class itself.
+
+    ``dataclasses.asdict`` of a config is flat: ``{"variant": "block", "impl": "auto",
+    "block_size": 4, "eps": 1e-06, ...}``, and the command line sets the same keys
+    (``--model.residual.block_size=4``). A dict written before the options were per variant (every
+    variant's options in one flat dict) still loads: see :meth:`resolve_config`.
 
     Attributes:
         variant: a registered name (``attnres.residuals.variant_names()``).
-        block_size: AttnRes block size ``S`` in *sublayers* (attention and MLP count one each).
-            ``None`` picks the paper's default of about 8 blocks, ``S = ceil(L / 8)``. Ignored by
-            variants without blocks; ``full`` forces ``S = 1``.
-        eps: epsilon of the key RMSNorm in depth reads.
         impl: depth-read implementation for AttnRes variants: ``auto`` (the fastest correct one),
-            ``reference``, ``fused`` or ``two_phase`` (see ``attnres.ops.dispatch``).
-
-    Depth-attention options (``block``, ``full``, ``swa``; ``hierarchical`` where noted). The
-    defaults are the paper's method; the others are the ablations of paper Table 4:
-        query: ``"learned"`` a pseudo-query ``w_l`` per read site (paper); ``"input"`` a ``d×d``
-            projection of the newest source (input-dependent query; also ``hierarchical``);
-            ``"none"`` learned scalar logits per (read site, source), no query or key
-            (input-independent mixing).
-        normalizer: ``"softmax"`` over sources (paper) or ``"sigmoid"`` per source.
-        key_norm: RMS-normalise the keys (paper); ``False`` scores the raw sources.
-        heads: depth-attention heads, ``H`` groups of channels with their own weights. ``None``
-            is the variant's default: 1 for AttnRes, 4 for ``hierarchical``.
-        query_init: ``"zero"`` or ``"normal"``; ``None`` is the variant's default. AttnRes
-            accepts only ``"zero"`` (SPEC §2); ``hierarchical`` defaults to ``"normal"``.
-        window: ``swa``: the number of most recent sublayer outputs read besides the embedding.
-
-    Multi-stream options (``hc``, ``mhc``, ``mhc_lite``):
-        n_streams: residual streams ``m`` (``mhc_lite`` allows at most 5: it mixes ``m!``
-            permutations).
-        dynamic: add the input-dependent part of the connection weights to the static part.
-        sinkhorn_iters: ``mhc``: Sinkhorn-Knopp iterations (paper: 20).
-
-    DenseFormer options (``denseformer``):
-        dilation: ``k``: depth ``i`` averages only the outputs ``j ≡ i (mod k)``.
-        period: ``p``: a weighted average after every ``p``-th unit only.
-        granularity: ``"layer"`` (paper: one unit is a Transformer layer, two sublayers) or
-            ``"sublayer"``.
-
-    Highway options (``highway``):
-        gate_bias: initial bias of the carry gate ``g = σ(W u + b)``; negative favours carrying
-            the state (paper range -1 … -3).
+            ``reference``, ``fused`` or ``two_phase`` (see ``attnres.ops.dispatch``). Variants
+            without depth reads by attention ignore it.
     """
 
     variant: str = "prenorm"
-    block_size: int | None = None
-    eps: float = 1e-6
-    query: str = "learned"
-    normalizer: str = "softmax"
-    key_norm: bool = True
-    heads: int | None = None
-    query_init: str | None = None
-    window: int = 8
-    n_streams: int = 4
-    dynamic: bool = True
-    sinkhorn_iters: int = 20
-    dilation: int = 1
-    period: int = 1
-    granularity: str = "layer"
-    gate_bias: float = -2.0
     impl: str = "auto"
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> ResidualConfig:
+        if not args and "variant" not in kwargs:  # copy and pickle, or an options class's own default
+            return super().__new__(cls)
+        variant = args[0] if args else kwargs["variant"]
+        target = options_class(variant)
+        if not issubclass(target, cls):
+            raise ConfigError(
+                f"residual variant {variant!r} takes {target.__name__}, not {cls.__name__}: build its config "
+                f"as ResidualConfig(variant={variant!r}, ...), or switch variants with for_variant()"
+            )
+        names = {f.name for f in dataclasses.fields(target)}
+        extra = [k for k in kwargs if k not in names]
+        if extra:
+            raise ConfigError(not_an_option(variant, extra, "residual."))
+        return super().__new__(target)
+
     def __post_init__(self) -> None:
-        if self.variant not in variant_names():
-            raise ValueError(
-                f"unknown residual variant {self.variant!r}; valid variants: {', '.join(variant_names())}"
+        target = options_class(self.variant)
+        if type(self) is not target:  # dataclasses.replace(cfg, variant=...) lands here
+            raise ConfigError(
+                f"residual variant {self.variant!r} takes {target.__name__}, not {type(self).__name__}; "
+                "switch variants with ResidualConfig.for_variant()"
             )
         check_numbers(self, "residual.")
-        if self.block_size is not None and self.block_size < 1:
-            raise ValueError(
-                f"residual.block_size must be >= 1 sublayer (got {self.block_size}); "
-                "use 1 for Full AttnRes, or None for the default of about 8 blocks"
-            )
-        if self.eps <= 0:
-            raise ValueError(f"residual.eps must be > 0, got {self.eps}")
         check_impl(self.impl)
-        for name, valid in _CHOICES.items():
-            value = getattr(self, name)
-            if value is not None and value not in valid:
-                raise ValueError(f"residual.{name}={value!r} is not valid; valid values: {', '.join(valid)}")
-        for name in ("heads", "window", "n_streams", "sinkhorn_iters", "dilation", "period"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"residual.{name} must be >= 1, got {value}")
+
+    @classmethod
+    def for_variant(cls, variant: str, *, impl: str = "auto", **options: Any) -> ResidualConfig:
+        """The config of ``variant`` with those of ``options`` it has; the others are dropped.
+
+        For code that sets options across variants (``compare`` runs one base config over every
+        variant, the pipeline check its ``block_size``): an option that ``variant`` does not read
+        is left out rather than refused. Build a single variant's config with ``ResidualConfig``.
+        """
+        names = {f.name for f in dataclasses.fields(options_class(variant))}
+        return ResidualConfig(variant=variant, impl=impl, **{k: v for k, v in options.items() if k in names})
+
+    def with_variant(self, variant: str) -> ResidualConfig:
+        """This config for ``variant``: ``impl`` and the options the two variants share are kept."""
+        options = {k: v for k, v in dataclasses.asdict(self).items() if k != "variant"}
+        return ResidualConfig.for_variant(variant, **options)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ResidualConfig:
+        """The config a dict describes (``dataclasses.asdict`` of one, or a dict in the flat layout of
+        before options were per variant: see :meth:`resolve_config`); values are not converted."""
+        target, kept = cls.resolve_config(data, {}, "residual.")
+        return target(**kept)
+
+    @classmethod
+    def resolve_config(
+        cls, data: Mapping[str, Any], base: Mapping[str, Any], prefix: str
+    ) -> tuple[type[ResidualConfig], dict[str, Any]]:
+        """The options class of the variant ``data`` (else ``base``) names, and the keys to build it from.
+
+        The hook of :func:`attnres.configs.from_dict`: ``data`` is a (partial) dict of this section,
+        ``base`` the values of the config it is laid over (their keys the variant lacks are dropped).
+
+        **Migration of the flat layout** (before options were per variant, a config held every
+        variant's options in one flat dict): a key of :data:`FLAT_DEFAULTS` that the variant does
+        not have is dropped when its value is the old default, or whatever its value when ``data``
+        holds every key of the flat layout (a ``config.json`` written by that code: the old code
+        never read those keys for this variant, so the model is the same). Any other key the variant
+        does not have is an error naming its valid keys.
+        """
+        default = cls.__dataclass_fields__["variant"].default
+        variant = data.get("variant", base.get("variant", default))
+        try:
+            target = options_class(variant)
+        except ConfigError as e:
+            raise ConfigError(f"{prefix}variant: {e}") from None
+        names = {f.name for f in dataclasses.fields(target)}
+        flat_dump = FLAT_DEFAULTS.keys() <= data.keys()
+        out = {
+            k: v
+            for k, v in data.items()
+            if k in names or k not in FLAT_DEFAULTS or not (flat_dump or _same(v, FLAT_DEFAULTS[k]))
+        }
+        extra = [k for k in out if k not in names]
+        if extra:
+            message = not_an_option(variant, extra, prefix)
+            if len(extra) > 1 and all(k in FLAT_DEFAULTS for k in extra):  # several variants' options
+                message += (
+                    ". (A config written before each variant had its own options held every variant's "
+                    f"options; remove those {variant} does not read.)"
+                )
+            raise ConfigError(message)
+        return target, out
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "query": ("learned", "input", "none"),
-    "normalizer": ("softmax", "sigmoid"),
-    "query_init": ("zero", "normal"),
-    "granularity": ("layer", "sublayer"),
+#: the options of the flat ``ResidualConfig`` (one class for every variant, before each declared its
+#: own) with their defaults; :meth:`ResidualConfig.resolve_config` migrates dicts in that layout
+FLAT_DEFAULTS: dict[str, Any] = {
+    "block_size": None,
+    "eps": 1e-6,
+    "query": "learned",
+    "normalizer": "softmax",
+    "key_norm": True,
+    "heads": None,
+    "query_init": None,
+    "window": 8,
+    "n_streams": 4,
+    "dynamic": True,
+    "sinkhorn_iters": 20,
+    "dilation": 1,
+    "period": 1,
+    "granularity": "layer",
+    "gate_bias": -2.0,
 }
+
+
+def _same(value: Any, default: Any) -> bool:
+    return value is default if default is None or isinstance(default, bool) else value == default
+
+
+def not_an_option(variant: str, keys: list[str], prefix: str) -> str:
+    """The error for ``keys`` that residual ``variant`` has no option of: its valid keys, the nearest
+    spelling (among its options, else among every variant's), and the variants that have the key."""
+    valid = [f.name for f in dataclasses.fields(options_class(variant))]
+    everyone = sorted({f.name for v in variant_names() for f in dataclasses.fields(options_class(v))})
+    parts = []
+    for key in keys:
+        text = f"residual variant {variant!r} has no option {prefix}{key}"
+        others = variants_with_option(key)
+        near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        near = near or ([] if others else difflib.get_close_matches(key, everyone, n=1, cutoff=0.6))
+        if near:
+            where = "" if near[0] in valid else f", an option of {', '.join(variants_with_option(near[0]))}"
+            text += f" (did you mean {prefix}{near[0]}{where}?)"
+        if others:
+            text += f" ({key} is an option of {', '.join(others)})"
+        parts.append(text)
+    return "; ".join(parts) + f". Valid keys for {variant}: {', '.join(valid)}"
+
+
+def check_choice(cfg: ResidualConfig, name: str, valid: tuple[str, ...]) -> None:
+    """Raise unless ``cfg.<name>`` is one of ``valid`` (or ``None``, for an optional field)."""
+    value = getattr(cfg, name)
+    if value is not None and value not in valid:
+        raise ValueError(f"residual.{name}={value!r} is not valid; valid values: {', '.join(valid)}")
+
+
+def check_at_least(cfg: ResidualConfig, name: str, minimum: int = 1) -> None:
+    """Raise unless ``cfg.<name>`` is ``>= minimum`` (or ``None``, for an optional field)."""
+    value = getattr(cfg, name)
+    if value is not None and value < minimum:
+        raise ValueError(f"residual.{name} must be >= {minimum}, got {value}")
+
+
+def check_eps(cfg: ResidualConfig) -> None:
+    """Raise unless ``cfg.eps > 0``."""
+    if cfg.eps <= 0:
+        raise ValueError(f"residual.eps must be > 0, got {cfg.eps}")
 
 
 def to_stream(out: Tensor, stream: Tensor) -> Tensor:
@@ -156,6 +244,9 @@ class ResidualScheme(nn.Module, ABC):
         d_model: hidden width ``d``.
         n_sublayers: ``L``, the number of sublayers (two per Transformer layer).
     """
+
+    #: the variant's options dataclass (``ResidualConfig`` for a variant without options)
+    options: ClassVar[type[ResidualConfig]] = ResidualConfig
 
     #: whether each sublayer applies its own pre-norm (False for faithful ReZero, say)
     sublayer_norm: ClassVar[bool] = True

@@ -18,8 +18,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from attnres.residuals.base import ResidualConfig, ResidualScheme
+from attnres.residuals.base import ResidualConfig, ResidualScheme, check_at_least, check_choice
 from attnres.residuals.registry import register
+
+
+@dataclass
+class DenseFormerOptions(ResidualConfig):
+    """Options of DenseFormer.
+
+    Attributes:
+        dilation: ``k``: depth ``i`` averages only the outputs ``j ≡ i (mod k)``.
+        period: ``p``: a weighted average after every ``p``-th unit only.
+        granularity: ``"layer"`` (paper: one unit is a Transformer layer, two sublayers) or
+            ``"sublayer"``.
+    """
+
+    variant: str = "denseformer"
+    dilation: int = 1
+    period: int = 1
+    granularity: str = "layer"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least(self, "dilation")
+        check_at_least(self, "period")
+        check_choice(self, "granularity", ("layer", "sublayer"))
 
 
 @dataclass(frozen=True)
@@ -42,6 +65,8 @@ class DenseFormer(ResidualScheme):
     The official code puts these weights in AdamW's weight-decay group; whether they decay is
     the optimiser's choice, not this module's.
     """
+
+    options = DenseFormerOptions
 
     def __init__(self, cfg: ResidualConfig, d_model: int, n_sublayers: int) -> None:
         super().__init__(cfg, d_model, n_sublayers)

@@ -39,11 +39,39 @@ from torch import Tensor, nn
 
 from attnres.ops.general import general_depth_logits, general_depth_mix, general_depth_weights
 from attnres.ops.precision import no_autocast, stats_dtype
-from attnres.residuals.attnres import default_block_size
-from attnres.residuals.base import ResidualConfig, ResidualScheme, to_stream
+from attnres.residuals.attnres import check_block_size, default_block_size
+from attnres.residuals.base import ResidualConfig, ResidualScheme, check_at_least, check_choice, to_stream
 from attnres.residuals.registry import register
 
 INNER, OUTER = 0, 1
+
+
+@dataclass
+class HierarchicalOptions(ResidualConfig):
+    """Options of the explainer's two-level block attention.
+
+    Attributes:
+        block_size: sublayer outputs per group, ``S``. ``None`` picks about 8 groups,
+            ``S = ceil(L / 8)``, as Block AttnRes does.
+        query: ``"learned"`` a query per read site and attention; ``"input"`` a ``d×d``
+            projection of the newest source (input-dependent query).
+        heads: attention heads, ``H`` groups of channels. ``None`` is 4.
+        query_init: ``"normal"`` (the explainer's; ``None`` is the same) or ``"zero"`` (every first
+            read uniform, as the paper wants).
+    """
+
+    variant: str = "hierarchical"
+    block_size: int | None = None
+    query: str = "learned"
+    heads: int | None = None
+    query_init: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_block_size(self)
+        check_choice(self, "query", ("learned", "input", "none"))
+        check_choice(self, "query_init", ("zero", "normal"))
+        check_at_least(self, "heads")
 
 
 @dataclass(frozen=True)
@@ -74,6 +102,8 @@ class HierarchicalAttnRes(ResidualScheme):
     in our sources; these keep keys and queries at the scale of their inputs.
     Heads: ``residual.heads`` (default 4).
     """
+
+    options = HierarchicalOptions
 
     def __init__(self, cfg: ResidualConfig, d_model: int, n_sublayers: int) -> None:
         super().__init__(cfg, d_model, n_sublayers)

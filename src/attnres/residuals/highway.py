@@ -4,12 +4,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attnres.residuals.base import ResidualConfig, ResidualScheme
+from attnres.residuals.base import ResidualConfig, ResidualScheme, check_eps
 from attnres.residuals.registry import register
+
+
+@dataclass
+class HighwayOptions(ResidualConfig):
+    """Options of Highway.
+
+    Attributes:
+        gate_bias: initial bias of the carry gate ``g = σ(W u + b)``; negative favours carrying
+            the state (paper range -1 … -3).
+        eps: epsilon of the RMSNorm of the gate's input.
+    """
+
+    variant: str = "highway"
+    gate_bias: float = -2.0
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_eps(self)
 
 
 @register("highway")
@@ -29,6 +50,8 @@ class Highway(ResidualScheme):
     Depth caveat: the embedding's weight in the stream decays like ``(1 - σ(b_g))^L``; at
     ``L = 32`` that is 0.017 for ``b_g = -2`` (research/baselines.md §3). Report the bias used.
     """
+
+    options = HighwayOptions
 
     def __init__(self, cfg: ResidualConfig, d_model: int, n_sublayers: int) -> None:
         super().__init__(cfg, d_model, n_sublayers)

@@ -26,14 +26,66 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnres.ops.precision import no_autocast
-from attnres.residuals.base import ResidualConfig, ResidualScheme, to_stream
+from attnres.residuals.base import ResidualConfig, ResidualScheme, check_at_least, check_eps, to_stream
 from attnres.residuals.registry import register
+
+
+@dataclass
+class StreamOptions(ResidualConfig):
+    """Options of every multi-stream variant (``mhc_lite`` has only these).
+
+    Attributes:
+        n_streams: residual streams ``m`` (``mhc_lite`` allows at most 5: it mixes ``m!``
+            permutations).
+        dynamic: add the input-dependent part of the connection weights to the static part.
+    """
+
+    variant: str = "mhc_lite"
+    n_streams: int = 4
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least(self, "n_streams")
+
+
+@dataclass
+class HCOptions(StreamOptions):
+    """Options of Hyper-Connections: those of :class:`StreamOptions`, and the norm's epsilon.
+
+    Attributes:
+        eps: epsilon of the RMSNorm of the streams in the dynamic weights.
+    """
+
+    variant: str = "hc"
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_eps(self)
+
+
+@dataclass
+class MHCOptions(StreamOptions):
+    """Options of mHC: those of :class:`StreamOptions`, and the Sinkhorn iterations.
+
+    Attributes:
+        sinkhorn_iters: Sinkhorn-Knopp iterations (paper: 20).
+    """
+
+    variant: str = "mhc"
+    sinkhorn_iters: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least(self, "sinkhorn_iters")
 
 
 def sinkhorn(logits: Tensor, iters: int) -> Tensor:
@@ -113,6 +165,8 @@ class HyperConnections(StreamScheme):
     ``W_*`` are zero and ``s_α = s_β = 0.01`` at init (paper §2.3). The static parts should get
     no weight decay (paper §4); that is the optimiser's choice.
     """
+
+    options = HCOptions
 
     def __init__(self, cfg: ResidualConfig, d_model: int, n_sublayers: int) -> None:
         super().__init__(cfg, d_model, n_sublayers)
@@ -227,6 +281,8 @@ class ManifoldHyperConnections(ManifoldScheme):
     sublayer); a recompute-in-backward version would not. Fine at reference scale.
     """
 
+    options = MHCOptions
+
     def __init__(self, cfg: ResidualConfig, d_model: int, n_sublayers: int) -> None:
         super().__init__(cfg, d_model, n_sublayers, n_res=cfg.n_streams**2)
         self.reset_parameters()
@@ -246,6 +302,8 @@ class MHCLite(ManifoldScheme):
     ``b_res`` is 0 for the identity and -8 for every other permutation, so ``mix ≈ I`` at init.
     Practical for ``m ≤ 5`` only (``m!`` logits).
     """
+
+    options = StreamOptions
 
     def __init__(self, cfg: ResidualConfig, d_model: int, n_sublayers: int) -> None:
         if cfg.n_streams > 5:

@@ -1,7 +1,9 @@
 """Name -> residual scheme class. Adding a variant is one new file in ``residuals/``.
 
 Every module in this package is imported on first lookup, and each registers its classes with
-:func:`register`, so nothing else needs editing.
+:func:`register`, so nothing else needs editing. A scheme class names its options dataclass in its
+``options`` attribute (:class:`attnres.residuals.base.ResidualConfig` itself for a variant without
+options); ``ResidualConfig(variant=name, ...)`` builds that class.
 
 This module is the bottom of ``attnres.residuals``: it imports nothing from the package, so the
 interface (:mod:`attnres.residuals.base`) and every variant can import it at module level.
@@ -9,11 +11,14 @@ interface (:mod:`attnres.residuals.base`) and every variant can import it at mod
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from attnres.configs import ConfigError
 
 Scheme = TypeVar("Scheme", bound=type)
 
@@ -23,11 +28,14 @@ _loaded = False
 
 def register(name: str) -> Callable[[Scheme], Scheme]:
     """Class decorator: make a scheme (a ``ResidualScheme`` subclass) selectable as
-    ``residual.variant=name``."""
+    ``residual.variant=name``. Its ``options`` attribute (a ``ResidualConfig`` dataclass) is the
+    config it takes."""
 
     def deco(cls: Scheme) -> Scheme:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"residual variant {name!r} is registered twice")
+        if not dataclasses.is_dataclass(getattr(cls, "options", None)):
+            raise TypeError(f"residual variant {name!r}: {cls.__name__}.options must be its options dataclass")
         _REGISTRY[name] = cls
         cls.variant_name = name
         return cls
@@ -69,11 +77,22 @@ def variant_names() -> list[str]:
 
 
 def variant_class(name: str) -> type:
-    """The scheme class registered as ``name``; a ValueError listing the valid names otherwise."""
+    """The scheme class registered as ``name``; a ConfigError (a ValueError) listing the valid names
+    otherwise."""
     _load_all()
     try:
         return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
+    except (KeyError, TypeError):  # TypeError: an unhashable name from a malformed config file
+        raise ConfigError(
             f"unknown residual variant {name!r}; valid variants: {', '.join(variant_names())}"
         ) from None
+
+
+def options_class(name: str) -> type[Any]:
+    """The options dataclass of variant ``name`` (a ``ResidualConfig``; raises like :func:`variant_class`)."""
+    return variant_class(name).options
+
+
+def variants_with_option(field: str) -> list[str]:
+    """The variants whose options include ``field``, sorted."""
+    return [v for v in variant_names() if field in {f.name for f in dataclasses.fields(options_class(v))}]

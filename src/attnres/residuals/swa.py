@@ -20,9 +20,25 @@ from torch import Tensor
 
 from attnres.ops.dispatch import select_impl
 from attnres.ops.fused import source_rstd
-from attnres.residuals.attnres import FullAttnRes
-from attnres.residuals.base import to_stream
+from attnres.residuals.attnres import DepthReadOptions, FullAttnRes
+from attnres.residuals.base import check_at_least, to_stream
 from attnres.residuals.registry import register
+
+
+@dataclass
+class SWAOptions(DepthReadOptions):
+    """Options of SWA: those of Full AttnRes (:class:`DepthReadOptions`), and the window.
+
+    Attributes:
+        window: the number of most recent sublayer outputs read besides the embedding.
+    """
+
+    variant: str = "swa"
+    window: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least(self, "window")
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,8 @@ class WindowState:
 @register("swa")
 class SlidingWindowAttnRes(FullAttnRes):
     """SWA over the embedding plus the last ``residual.window`` sublayer outputs (default 8)."""
+
+    options = SWAOptions
 
     def max_sources(self) -> int:
         return min(self.cfg.window, self.n_sublayers) + 1

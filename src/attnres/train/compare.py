@@ -5,13 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from attnres.analysis.plots import plot_loss_curves
 from attnres.analysis.results import RunResult, read_result
 from attnres.analysis.stats import variant_stats
+from attnres.configs import ConfigError, apply_overrides
 from attnres.residuals import variant_names
+from attnres.residuals.registry import options_class, variants_with_option
 from attnres.storage.checkpoint import has_checkpoint, run_config
 from attnres.storage.config import TrainConfig, resume_conflicts
 from attnres.train.loop import train
@@ -35,12 +38,30 @@ def parse_variants(spec: str) -> list[str]:
     return names
 
 
-def _variant_config(base: TrainConfig, variant: str, seed: int, threads: int | None) -> TrainConfig:
-    residual = dataclasses.replace(base.model.residual, variant=variant)
+def check_residual_options(variants: list[str], options: Mapping[str, Any]) -> None:
+    """Raise unless every key of ``options`` is an option of at least one of ``variants``."""
+    have = {k for v in variants for k in (f.name for f in dataclasses.fields(options_class(v)))}
+    unknown = [k for k in options if k not in have]
+    if unknown:
+        raise ConfigError(
+            "; ".join(
+                f"model.residual.{k} is an option of none of the variants compared ({', '.join(variants)})"
+                + (f"; it is one of {', '.join(variants_with_option(k))}" if variants_with_option(k) else "")
+                for k in unknown
+            )
+        )
+
+
+def _variant_config(
+    base: TrainConfig, variant: str, seed: int, threads: int | None, residual: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(options_class(variant))}
+    options = {f"model.residual.{k}": v for k, v in (residual or {}).items() if k in names}
+    model = dataclasses.replace(base.model, residual=base.model.residual.with_variant(variant))
     loop = dataclasses.replace(base.train, seed=seed)
     if threads is not None:  # parallel runs: split the cores, no interleaved progress bars
         loop = dataclasses.replace(loop, threads=threads, progress=False)
-    return dataclasses.replace(base, model=dataclasses.replace(base.model, residual=residual), train=loop)
+    return apply_overrides(dataclasses.replace(base, model=model, train=loop), options)
 
 
 def _saved_result(cfg: TrainConfig, run_dir: Path) -> RunResult | None:
@@ -89,10 +110,14 @@ def compare(
     out_dir: str | Path,
     log: Callable[[str], None] = print,
     jobs: int = 1,
+    residual: Mapping[str, Any] | None = None,
 ) -> list[RunResult]:
     """Train every (variant, seed) into ``out_dir/<variant>-s<seed>``; finished runs are reused.
 
-    All runs share ``base`` except ``model.residual.variant`` and ``train.seed``; the data order
+    All runs share ``base`` except ``model.residual.variant`` and ``train.seed``; a variant keeps
+    the options of ``base.model.residual`` it has too (``ResidualConfig.with_variant``), and takes
+    those of ``residual`` (option name -> value, e.g. ``{"n_streams": "2"}`` from the command line)
+    it has; each of those must be an option of some variant compared. The data order
     (``train.data_seed``) is the same for every run, so differences come from the variant alone.
     Resumable: a run with ``result.json`` is reused, one with only a checkpoint continues from it.
     ``jobs > 1`` trains that many runs at once in separate processes, each with
@@ -101,6 +126,7 @@ def compare(
     """
     if jobs < 1 or seeds < 1:
         raise ValueError(f"--jobs and --seeds must be >= 1, got {jobs} and {seeds}")
+    check_residual_options(variants, residual or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     threads = None
@@ -111,7 +137,7 @@ def compare(
     for variant in variants:
         for seed in range(seeds):
             run_dir = out / run_name(variant, seed)
-            saved = _saved_result(_variant_config(base, variant, seed, threads), run_dir)
+            saved = _saved_result(_variant_config(base, variant, seed, threads, residual), run_dir)
             if saved is not None:
                 log(f"{run_dir.name}: finished earlier, reusing its result")
                 done[variant, seed] = saved
@@ -119,7 +145,7 @@ def compare(
                 pending.append((variant, seed))
     if jobs == 1:
         for variant, seed in pending:
-            cfg = _variant_config(base, variant, seed, None)
+            cfg = _variant_config(base, variant, seed, None, residual)
             done[variant, seed] = _train_run(cfg, out / run_name(variant, seed), log)
     else:
         import concurrent.futures as cf
@@ -127,7 +153,7 @@ def compare(
 
         with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {
-                pool.submit(_train_run, _variant_config(base, v, s, threads), out / run_name(v, s)): (v, s)
+                pool.submit(_train_run, _variant_config(base, v, s, threads, residual), out / run_name(v, s)): (v, s)
                 for v, s in pending
             }
             for fut in cf.as_completed(futures):
