@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -13,6 +14,7 @@ import torch  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from attnres.hf import AttnResConfig, AttnResForCausalLM  # noqa: E402
+from attnres.residuals import ResidualConfig  # noqa: E402
 
 
 def _model(variant: str) -> AttnResForCausalLM:
@@ -23,7 +25,7 @@ def _model(variant: str) -> AttnResForCausalLM:
         n_layers=2,
         n_heads=4,
         seq_len=16,
-        residual={"variant": variant, "block_size": 3},
+        residual=dataclasses.asdict(ResidualConfig.for_variant(variant, block_size=3)),
     )
     model = AttnResForCausalLM(cfg).double().train()
     residual = model.transformer.residual

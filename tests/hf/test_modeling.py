@@ -23,13 +23,14 @@ from attnres.configs import ConfigError  # noqa: E402
 from attnres.hf import AttnResConfig, AttnResForCausalLM, AttnResModel  # noqa: E402
 from attnres.model import ModelConfig, lm_loss  # noqa: E402
 from attnres.model.generate import SamplingConfig, generate, left_pad  # noqa: E402
-from attnres.residuals import ResidualConfig  # noqa: E402
+from attnres.residuals import ResidualConfig, options_class, variant_names  # noqa: E402
 
 
 def make_config(variant: str = "block", d: int = 32, tie: bool = False, **kw) -> AttnResConfig:
     base = dict(vocab_size=99, d_model=d, n_layers=2, n_heads=4 if d % 8 == 0 else 2, seq_len=32)
     base.update(kw)
-    return AttnResConfig(tie_embeddings=tie, residual={"variant": variant, "block_size": 3}, **base)
+    residual = dataclasses.asdict(ResidualConfig.for_variant(variant, block_size=3))
+    return AttnResConfig(tie_embeddings=tie, residual=residual, **base)
 
 
 def make_model(cfg: AttnResConfig, seed: int = 0) -> AttnResForCausalLM:
@@ -204,22 +205,41 @@ def test_bad_config_keys(kwargs: dict, match: str) -> None:
         AttnResConfig(**kwargs)
 
 
-def test_config_mirrors_every_model_config_field(tmp_path) -> None:
+#: a non-default value for each residual option (numbers and bools not listed are derived)
+CHANGED_OPTIONS = dict(
+    block_size=5, eps=1e-4, impl="fused", query="input", normalizer="sigmoid", key_norm=False, heads=2,
+    query_init="zero", window=3, n_streams=2, dynamic=False, sinkhorn_iters=5, dilation=2, period=2,
+    granularity="sublayer", gate_bias=-1.0,
+)  # fmt: skip
+
+
+def _changed_residual(variant: str) -> ResidualConfig:
+    """``variant``'s config with every option off its default."""
+    values = {}
+    for f in dataclasses.fields(options_class(variant)):
+        if f.name in CHANGED_OPTIONS:
+            values[f.name] = CHANGED_OPTIONS[f.name]
+        elif isinstance(f.default, bool):
+            values[f.name] = not f.default
+        elif isinstance(f.default, (int, float)):
+            values[f.name] = f.default + 1
+    return ResidualConfig(**{**values, "variant": variant})
+
+
+@pytest.mark.parametrize("variant", variant_names())
+def test_config_mirrors_every_model_config_field(tmp_path, variant: str) -> None:
     """AttnResConfig is generated from ModelConfig: every field, nested residual included, survives
     a JSON round trip with a non-default value."""
     mc = ModelConfig(
         vocab_size=77, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=100, seq_len=40,
         rope_theta=5e5, norm_eps=1e-5, tie_embeddings=True, init_std=0.01,
-        residual=ResidualConfig(
-            variant="full", block_size=5, eps=1e-4, impl="fused", query="input", normalizer="sigmoid",
-            key_norm=False, heads=2, query_init="zero", window=3, n_streams=2, dynamic=False,
-            sinkhorn_iters=5, dilation=2, period=2, granularity="sublayer", gate_bias=-1.0,
-        ),
+        residual=_changed_residual(variant),
     )  # fmt: skip
     defaults = dataclasses.asdict(ModelConfig())
     changed = dataclasses.asdict(mc)
     assert all(changed[k] != defaults[k] for k in defaults), "test must change every field"
-    assert all(changed["residual"][k] != defaults["residual"][k] for k in defaults["residual"])
+    own_defaults = dataclasses.asdict(ResidualConfig(variant=variant))
+    assert all(changed["residual"][k] != own_defaults[k] for k in own_defaults if k != "variant")
     AttnResConfig.from_model_config(mc).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert {k: saved[k] for k in changed} == changed

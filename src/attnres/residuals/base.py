@@ -74,6 +74,11 @@ class ResidualConfig:
     def __new__(cls, *args: Any, **kwargs: Any) -> ResidualConfig:
         if not args and "variant" not in kwargs:  # copy and pickle, or an options class's own default
             return super().__new__(cls)
+        if len(args) > 1:
+            raise TypeError(
+                f"ResidualConfig takes the variant positionally and its options by name, e.g. "
+                f"ResidualConfig({args[0]!r}, block_size=4); got {len(args)} positional arguments"
+            )
         variant = args[0] if args else kwargs["variant"]
         target = options_class(variant)
         if not issubclass(target, cls):
@@ -187,23 +192,26 @@ def _same(value: Any, default: Any) -> bool:
 
 
 def not_an_option(variant: str, keys: list[str], prefix: str) -> str:
-    """The error for ``keys`` that residual ``variant`` has no option of: its valid keys, the nearest
-    spelling (among its options, else among every variant's), and the variants that have the key."""
+    """The error for ``keys`` that residual ``variant`` has no option of: the variants that have the
+    key (or, for a key no variant has, the nearest spelling), then ``variant``'s valid keys."""
     valid = [f.name for f in dataclasses.fields(options_class(variant))]
     everyone = sorted({f.name for v in variant_names() for f in dataclasses.fields(options_class(v))})
     parts = []
     for key in keys:
-        text = f"residual variant {variant!r} has no option {prefix}{key}"
         others = variants_with_option(key)
-        near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        near = near or ([] if others else difflib.get_close_matches(key, everyone, n=1, cutoff=0.6))
-        if near:
-            where = "" if near[0] in valid else f", an option of {', '.join(variants_with_option(near[0]))}"
-            text += f" (did you mean {prefix}{near[0]}{where}?)"
         if others:
-            text += f" ({key} is an option of {', '.join(others)})"
+            parts.append(
+                f"residual variant {variant!r} has no option {prefix}{key} (an option of {', '.join(others)})"
+            )
+            continue
+        text = f"unknown config key {prefix + key!r}"
+        near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        near = near or difflib.get_close_matches(key, everyone, n=1, cutoff=0.6)
+        if near:
+            where = "" if near[0] in valid else f" (an option of {', '.join(variants_with_option(near[0]))})"
+            text += f"; did you mean {prefix}{near[0]}{where}?"
         parts.append(text)
-    return "; ".join(parts) + f". Valid keys for {variant}: {', '.join(valid)}"
+    return "; ".join(parts) + f". Valid keys for residual variant {variant!r}: {', '.join(valid)}"
 
 
 def check_choice(cfg: ResidualConfig, name: str, valid: tuple[str, ...]) -> None:
