@@ -17,7 +17,7 @@ from attnres.residuals import ResidualConfig, variant_names
 
 def _model(variant: str, impl: str = "auto", block_size: int | None = 3, n_layers: int = 3) -> Transformer:
     torch.manual_seed(0)
-    residual = ResidualConfig(variant, block_size=block_size, impl=impl)
+    residual = ResidualConfig.for_variant(variant, block_size=block_size, impl=impl)
     cfg = ModelConfig(vocab_size=61, d_model=16, n_layers=n_layers, n_heads=2, seq_len=9, residual=residual)
     model = Transformer(cfg).double()
     with torch.no_grad():  # non-zero queries and gates, so every read weighs its sources differently

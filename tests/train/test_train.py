@@ -158,7 +158,8 @@ def test_override_types_are_checked() -> None:
         apply_overrides(cfg, {"train.steps": "many"})
     with pytest.raises(ConfigError, match="model.tie_embeddings expects a bool"):
         apply_overrides(cfg, {"model.tie_embeddings": "maybe"})
-    assert apply_overrides(cfg, {"model.residual.block_size": "none"}).model.residual.block_size is None
+    block = {"model.residual.variant": "block", "model.residual.block_size": "none"}
+    assert apply_overrides(cfg, block).model.residual.block_size is None
     with pytest.raises(ValueError, match="unknown preset 'fast'; valid presets: .*quick"):
         get_preset("fast")
 
