@@ -61,7 +61,13 @@ def _list_of_sublayers(model: Transformer) -> list:
 @pytest.mark.parametrize("variant", variant_names())
 def test_facade_matches_the_reference_model(variant: str) -> None:
     """The facade drives a scheme exactly as ``Transformer.hidden`` does, for every variant."""
-    cfg = ModelConfig(vocab_size=99, d_model=32, n_layers=3, n_heads=4, residual=ResidualConfig.for_variant(variant, block_size=2))
+    cfg = ModelConfig(
+        vocab_size=99,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        residual=ResidualConfig.for_variant(variant, block_size=2),
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     res = AttnResidual(32, n_sublayers=6, variant=variant, block_size=2)

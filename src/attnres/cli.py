@@ -118,7 +118,9 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
         )
     # residual options go to the variants that have them (each variant has its own options)
     flags = parse_overrides(extra)
-    residual = {k.removeprefix("model.residual."): v for k, v in flags.items() if k.startswith("model.residual.")}
+    residual = {
+        k.removeprefix("model.residual."): v for k, v in flags.items() if k.startswith("model.residual.")
+    }
     rest = [f"--{k}={v}" for k, v in flags.items() if not k.startswith("model.residual.")]
     variants = parse_variants(args.variants)
     check_residual_options(variants, residual)
@@ -249,6 +251,7 @@ def config_help(width: int = 100) -> str:
     Built from the config dataclasses' ``Attributes:`` docstrings (:func:`describe_keys`) and the
     preset functions' docstrings, so it cannot drift from the code.
     """
+    from attnres.residuals import ResidualConfig, variant_names
     from attnres.train.presets import PRESETS, get_preset
 
     lines = [f"config keys (--section.key=value; default: the value in --preset {DEFAULT_PRESET}):"]
@@ -256,6 +259,15 @@ def config_help(width: int = 100) -> str:
         lines.append(f"  {key.key} ({key.type}, default {key.default!r})")
         if key.doc:
             lines += textwrap.wrap(key.doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    lines += ["", "residual options by variant (--model.residual.variant=NAME --model.residual.KEY=VALUE):"]
+    for variant in variant_names():
+        keys = describe_keys(ResidualConfig(variant=variant))
+        options = [k for k in keys if k.key not in ("variant", "impl")]
+        lines.append(f"  {variant}:" + ("" if options else " no options"))
+        for key in options:
+            lines.append(f"    {key.key} ({key.type}, default {key.default!r})")
+            if key.doc:
+                lines += textwrap.wrap(key.doc, width, initial_indent=" " * 8, subsequent_indent=" " * 8)
     lines += ["", "presets (--preset NAME):"]
     for name, fn in PRESETS.items():
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""

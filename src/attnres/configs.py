@@ -190,7 +190,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: dict[s
     return cls(**kwargs)
 
 
-def _resolve(cls: type, data: dict[str, Any], base: dict[str, Any], prefix: str) -> tuple[type, dict[str, Any]]:
+def _resolve(
+    cls: type, data: dict[str, Any], base: dict[str, Any], prefix: str
+) -> tuple[type, dict[str, Any]]:
     """``cls`` and ``data``, or what ``cls.resolve_config`` makes of them (see :func:`from_dict`)."""
     resolve = getattr(cls, "resolve_config", None)
     return resolve(data, base, prefix) if resolve is not None else (cls, data)

@@ -32,7 +32,12 @@ STEPS, BATCH = 3, 4
 def _setup() -> tuple[Transformer, list[tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=99, d_model=32, n_layers=2, n_heads=4, seq_len=7, residual=ResidualConfig("block", block_size=3)
+        vocab_size=99,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        seq_len=7,
+        residual=ResidualConfig("block", block_size=3),
     )
     g = torch.Generator().manual_seed(1)
     batches = []

@@ -43,7 +43,7 @@ def _model(
         n_layers=n_layers,
         n_heads=2,
         seq_len=7,
-        residual=ResidualConfig(variant, block_size=block_size),
+        residual=ResidualConfig.for_variant(variant, block_size=block_size),
         **kw,
     )
     model = Transformer(cfg).double()

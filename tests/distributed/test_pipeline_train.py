@@ -47,7 +47,12 @@ def _one_thread() -> Iterator[None]:
 def _model() -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=99, d_model=32, n_layers=3, n_heads=2, seq_len=7, residual=ResidualConfig("block", block_size=2)
+        vocab_size=99,
+        d_model=32,
+        n_layers=3,
+        n_heads=2,
+        seq_len=7,
+        residual=ResidualConfig("block", block_size=2),
     )
     return Transformer(cfg)
 

@@ -39,7 +39,12 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("hf-remote")
     cfg = ModelConfig(
-        vocab_size=257, d_model=32, n_layers=2, n_heads=4, seq_len=64, residual=ResidualConfig("block", block_size=2)
+        vocab_size=257,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        seq_len=64,
+        residual=ResidualConfig("block", block_size=2),
     )
     torch.manual_seed(0)
     model = Transformer(cfg)

@@ -33,7 +33,11 @@ SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
 @pytest.mark.parametrize("tie", [False, True])
 def test_model_roundtrip_is_bit_exact(tie: bool) -> None:
     cfg = ModelConfig(
-        vocab_size=99, d_model=32, n_layers=2, residual=ResidualConfig("block", block_size=3), tie_embeddings=tie
+        vocab_size=99,
+        d_model=32,
+        n_layers=2,
+        residual=ResidualConfig("block", block_size=3),
+        tie_embeddings=tie,
     )
     torch.manual_seed(0)
     native = Transformer(cfg).eval()

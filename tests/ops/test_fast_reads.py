@@ -130,7 +130,9 @@ class ToyStack(torch.nn.Module):
     def __init__(self, variant: str, d: int, n_sublayers: int, block_size: int | None, dtype: torch.dtype):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.scheme = build_residual(ResidualConfig(variant, block_size=block_size), d, n_sublayers)
+        self.scheme = build_residual(
+            ResidualConfig.for_variant(variant, block_size=block_size), d, n_sublayers
+        )
         with torch.no_grad():  # non-zero queries, so the test sees the query and gain paths
             self.scheme.query.copy_(torch.randn(n_sublayers + 1, d, generator=g))
             self.scheme.key_gain.add_(0.2 * torch.randn(n_sublayers + 1, d, generator=g))
@@ -194,7 +196,7 @@ def test_model_logits_and_grads_agree(variant: str) -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(
         vocab_size=99, d_model=32, n_layers=3, n_heads=4, seq_len=16,
-        residual=ResidualConfig(variant, block_size=4 if variant == "block" else None),
+        residual=ResidualConfig.for_variant(variant, block_size=4 if variant == "block" else None),
     )  # fmt: skip
     model = Transformer(cfg).double()
     with torch.no_grad():  # trained-looking queries; zero init would hide query-path errors

@@ -106,7 +106,7 @@ def spy_on_depth_reads(monkeypatch: pytest.MonkeyPatch, scheme: ResidualScheme) 
 def tiny_model(variant: str) -> Transformer:
     torch.manual_seed(0)
     # block_size 3 (Block): groups of 3 read sites, so two-phase merges run; 4 sublayers
-    residual = ResidualConfig(variant=variant, block_size=3 if variant == "block" else None)
+    residual = ResidualConfig.for_variant(variant, block_size=3 if variant == "block" else None)
     model = Transformer(
         ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=2, seq_len=16, residual=residual)
     )

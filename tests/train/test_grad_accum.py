@@ -27,7 +27,12 @@ from attnres.train.engine import ReplicatedEngine, check_world_size
 def _engine(grad_accum: int, checkpointing: str = "none", variant: str = "block") -> ReplicatedEngine:
     torch.manual_seed(0)
     model_cfg = ModelConfig(
-        vocab_size=61, d_model=16, n_layers=2, n_heads=2, seq_len=9, residual=ResidualConfig.for_variant(variant, block_size=3)
+        vocab_size=61,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        seq_len=9,
+        residual=ResidualConfig.for_variant(variant, block_size=3),
     )
     cfg = TrainConfig(
         model=model_cfg,

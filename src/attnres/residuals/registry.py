@@ -35,7 +35,9 @@ def register(name: str) -> Callable[[Scheme], Scheme]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"residual variant {name!r} is registered twice")
         if not dataclasses.is_dataclass(getattr(cls, "options", None)):
-            raise TypeError(f"residual variant {name!r}: {cls.__name__}.options must be its options dataclass")
+            raise TypeError(
+                f"residual variant {name!r}: {cls.__name__}.options must be its options dataclass"
+            )
         _REGISTRY[name] = cls
         cls.variant_name = name
         return cls

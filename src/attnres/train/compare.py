@@ -153,7 +153,9 @@ def compare(
 
         with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {
-                pool.submit(_train_run, _variant_config(base, v, s, threads, residual), out / run_name(v, s)): (v, s)
+                pool.submit(
+                    _train_run, _variant_config(base, v, s, threads, residual), out / run_name(v, s)
+                ): (v, s)
                 for v, s in pending
             }
             for fut in cf.as_completed(futures):
