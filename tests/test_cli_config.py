@@ -145,6 +145,18 @@ def test_help_lists_every_key_with_its_type_default_and_doc_and_the_presets(caps
     assert "  optim.lr (float, default 0.003)\n      peak AdamW learning rate.\n" in out
     assert "  model.residual.block_size (int | None, default 4)\n" in out
     assert "  train.logger (str, default 'none')\n" in out
+    for variant in variant_names():  # every variant's options, not only the preset's variant's
+        assert f"\n  {variant}:" in out
+    assert "  hc:\n    n_streams (int, default 4)\n      " in out
+
+
+def test_compare_gives_each_variant_the_residual_options_it_has(capsys, tmp_path) -> None:
+    out = str(tmp_path / "cmp")
+    code, _, err = _run(
+        capsys, "compare", "--variants", "block,full", "--out", out, "--model.residual.n_streams=2"
+    )
+    assert code == 2 and "model.residual.n_streams is an option of none of the variants compared" in err
+    assert "it is one of hc, mhc, mhc_lite" in err and err.count("\n") == 1
 
 
 def test_every_config_key_has_a_doc_from_its_docstring() -> None:

@@ -274,3 +274,24 @@ def test_unsupported_inputs_raise(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         model(input_ids=torch.tensor([[1, 2, 3]]), **kwargs)
     model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+
+
+def test_an_old_config_json_with_a_flat_residual_loads(tmp_path) -> None:
+    """A config.json saved before options were per variant: every variant's options in ``residual``."""
+    cfg = make_config("full")
+    cfg.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["residual"] = {
+        "variant": "full", "block_size": 3, "eps": 1e-06, "query": "learned", "normalizer": "softmax",
+        "key_norm": True, "heads": None, "query_init": None, "window": 8, "n_streams": 4, "dynamic": True,
+        "sinkhorn_iters": 20, "dilation": 1, "period": 1, "granularity": "layer", "gate_bias": -2.0,
+        "impl": "auto",
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.residual == dataclasses.asdict(ResidualConfig(variant="full"))  # migrated on load
+    assert loaded.to_model_config() == cfg.to_model_config()
+    saved["residual"] = {"variant": "full", "n_streams": 2}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"no option residual\.n_streams \(an option of hc"):
+        AutoConfig.from_pretrained(tmp_path)
