@@ -118,24 +118,6 @@ def test_native_attend_backward_passes_opcheck(native_kernels: None) -> None:
     )
 
 
-def test_native_inference_ops_pass_opcheck(native_kernels: None) -> None:
-    """Schema, fake implementation and dispatch of the no-grad stacked-read ops."""
-    from attnres.ops import native
-
-    gen = torch.Generator().manual_seed(2)
-    values, rstd = torch.randn(4, 5, 8, generator=gen), torch.rand(4, 5, 1, generator=gen).add_(0.5)
-    queries, p = torch.randn(2, 8, generator=gen), torch.randn(5, 8, generator=gen)
-    outs, lse = native.stack_phase1(values, rstd, 3, queries, True)
-    r_p, w = torch.rand(5, generator=gen).add_(0.5), torch.randn(8, generator=gen)
-    torch.library.opcheck(native.stack_phase1.op, (values, rstd, 3, queries, True))
-    torch.library.opcheck(native.stack_phase1.op, (values, rstd, 1, queries, False))
-    torch.library.opcheck(native.stack_merge.op, (outs[:, 1], lse[:, 1], p, r_p, queries[1], w, 1e-5))
-    torch.library.opcheck(native.stack_merge.op, (outs[:, 1], lse[:, 1], p, r_p, queries[1], None, 0.0))
-    torch.library.opcheck(native.stack_norm.op, (outs[:, 0], p, w, 1e-5))
-    torch.library.opcheck(native.stack_accumulate.op, (p, torch.randn(5, 8, generator=gen), 1e-6))
-    torch.library.opcheck(native.stack_accumulate.op, (None, torch.randn(5, 8, generator=gen), 1e-6))
-
-
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
 def test_reads_under_autocast_trace_into_one_graph(grad: bool) -> None:
     """bf16 autocast: the depth reads' autocast-off regions do not break the graph (they did, with
@@ -259,16 +241,14 @@ def test_train_step_compiles_fullgraph_on_native_kernels(native_kernels: None, v
         assert rel_err(q.grad, p.grad) < TOL, name
 
 
-@pytest.mark.parametrize(
-    ("impl", "native_op"), [("fused", "native_attend"), ("two_phase", "native_stack_merge")]
-)
+@pytest.mark.parametrize("impl", ["fused", "two_phase"])
 @pytest.mark.parametrize("variant", ["block", "full"])
 def test_decode_step_compiles_fullgraph_on_native_kernels(
-    native_kernels: None, variant: str, impl: str, native_op: str
+    native_kernels: None, variant: str, impl: str
 ) -> None:
-    """One decode step after a prefill, compiled with ``fullgraph=True``, its reads on the native ops:
-    the fused read's, or the no-grad stacked reads' (phase 1, merge fused with the norm, the partial
-    sum with its statistic; Full has no merge, every read is a group's first)."""
+    """One decode step after a prefill, compiled with ``fullgraph=True``: the fused read on the native
+    op; the no-grad stacked reads (``two_phase``) as PyTorch ops that inductor fuses, since the
+    native no-grad kernels are eager-only (a custom op costs ~25 µs a call from a compiled graph)."""
     model = tiny_model(variant, **({"block_size": 2} if variant == "block" else {})).eval()
     prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(3))
     nxt = torch.randint(0, 61, (2, 1), generator=torch.Generator().manual_seed(4))
@@ -280,12 +260,7 @@ def test_decode_step_compiles_fullgraph_on_native_kernels(
             cache = KVCache(model.cfg, 2, 8)
             prefill(model, prompt, cache)
             logits[name] = fn(model, nxt, cache)
-    if impl == "two_phase" and variant == "full":
-        native_op = "native_stack_norm"
-    expected = {f"attnres.{native_op}.default"}
-    if impl == "two_phase":
-        expected |= {f"attnres.native_stack_{op}.default" for op in ("phase1", "accumulate")}
-    assert expected <= ops_in(graphs)
+    assert ops_in(graphs) == ({"attnres.native_attend.default"} if impl == "fused" else set())
     assert rel_err(logits["compiled"], logits["eager"]) < TOL
 
 

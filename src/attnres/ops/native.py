@@ -5,11 +5,11 @@ Two families, each a custom op (below):
 * training (``attnres::native_attend`` and its backward): :func:`attnres.ops.fused.depth_attend`
   runs them for CPU tensors; they read each source once per read instead of the ~15 passes of the
   PyTorch-ops path (see the C++ file's header);
-* inference, without gradients (``attnres::native_stack_phase1``, ``…_stack_merge``,
-  ``…_stack_norm``, ``…_stack_accumulate``): :mod:`attnres.ops.stacked` runs them for prefill and
-  decoding: phase 1 in one pass over a stack of the completed blocks, each read in one pass per
-  token fused with the RMSNorm that consumes it, and each new partial sum with its statistic in one
-  pass. In eager mode they skip the custom-op layer (:func:`_inference_op`).
+* inference, without gradients (:func:`stack_phase1`, :func:`stack_merge`, :func:`stack_norm`,
+  :func:`stack_accumulate`, :func:`stack_push`): :mod:`attnres.ops.stacked` runs them for prefill,
+  decoding and evaluation: phase 1 in one pass over a stack of the completed blocks, each read in
+  one pass per token fused with the RMSNorm that consumes it, and each new partial sum with its
+  statistic in one pass. Plain library calls, eager only (see the section below for why).
 
 Building needs a C++ compiler and ``ninja`` (a dependency of this package); it takes about half a
 minute, once per environment and kernel version, and says so on stderr. Without a compiler the reads
@@ -32,7 +32,6 @@ one found there was left by a killed build and is removed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ import sys
 import sysconfig
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -49,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnres.ops.precision import no_autocast, stats_dtype
+from attnres.ops.precision import no_autocast
 
 try:
     import fcntl
@@ -326,29 +325,13 @@ native_attend.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --- no-grad reads over a stack of blocks (attnres.ops.stacked) ------------------------------------
-# No autograd registration: attnres.ops.stacked calls them only with gradients disabled.
+# Plain calls into the library, eager only: attnres.ops.stacked runs them with gradients disabled and
+# outside torch.compile. A compiled graph calls a Python custom op through its Python layer (~25 µs a
+# call on this project's CPU) and cannot fuse across it: compiled decoding measured Block at 2.09x
+# compiled prenorm with these ops as custom ops, against 1.22x with PyTorch ops that inductor fuses
+# (benchmarks/results/compile_cpu.md). So under compile the stacked reads stay PyTorch ops.
 
 
-def _inference_op(fn: Callable[..., Any]) -> Any:
-    """Register ``fn`` (a call into the library) as the custom op ``attnres::native_<name>``.
-
-    Returns a caller that runs the op while ``torch.compile`` traces (the graph keeps it as one
-    node) and ``fn`` itself in eager mode: a Python custom op costs ~25 µs a call on this project's
-    CPU, the whole budget of a decode step's read, and these ops need none of what it adds
-    (autograd, fake tensors). ``register_fake`` is the op's, and ``.op`` the op itself.
-    """
-    op = torch.library.custom_op(f"attnres::native_{fn.__name__}", mutates_args=(), device_types="cpu")(fn)
-
-    @functools.wraps(fn)
-    def call(*args: Any) -> Any:
-        return op(*args) if torch.compiler.is_compiling() else fn(*args)
-
-    call.register_fake = op.register_fake  # type: ignore[attr-defined]
-    call.op = op  # type: ignore[attr-defined]  # for torch.library.opcheck
-    return call
-
-
-@_inference_op
 def stack_phase1(
     values: Tensor, rstd: Tensor, n: int, queries: Tensor, need_lse: bool
 ) -> tuple[Tensor, Tensor]:
@@ -361,13 +344,6 @@ def stack_phase1(
     return outs, lse
 
 
-@stack_phase1.register_fake
-def _(values: Tensor, rstd: Tensor, n: int, queries: Tensor, need_lse: bool) -> tuple[Tensor, Tensor]:
-    (_, m, d), s = values.shape, queries.shape[0]
-    return values.new_empty((m, s, d)), values.new_empty((m, s) if need_lse else (0,))
-
-
-@_inference_op
 def stack_merge(
     o: Tensor, lse: Tensor, p: Tensor, p_rstd: Tensor, q: Tensor, weight: Tensor | None, eps: float
 ) -> Tensor:
@@ -380,24 +356,12 @@ def stack_merge(
     return _loaded().stack_merge(o, lse, p, p_rstd, q, weight, eps)
 
 
-@stack_merge.register_fake
-def _(o: Tensor, lse: Tensor, p: Tensor, *_query_weight_eps: object) -> Tensor:
-    return p.new_empty(p.shape)
-
-
-@_inference_op
 def stack_norm(o: Tensor, like: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     """A group's first read ``o [M, d]`` (statistics dtype, unit stride along ``d``) in ``like``'s
     shape ``[..., d]`` and dtype, and ``rmsnorm(o) · weight`` if ``weight`` (``[d]``, that dtype)."""
     return _loaded().stack_norm(o, like, weight, eps)
 
 
-@stack_norm.register_fake
-def _(o: Tensor, like: Tensor, *_weight_eps: object) -> Tensor:
-    return like.new_empty(like.shape)
-
-
-@_inference_op
 def stack_accumulate(partial: Tensor | None, out: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``p = partial + out`` (a contiguous copy of ``out`` if ``partial`` is ``None``) and its
     ``rsqrt(mean(p²) + eps)``, in one pass.
@@ -409,17 +373,7 @@ def stack_accumulate(partial: Tensor | None, out: Tensor, eps: float) -> tuple[T
     return p, r
 
 
-@stack_accumulate.register_fake
-def _(partial: Tensor | None, out: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return out.new_empty(out.shape), out.new_empty(out.shape[:-1], dtype=stats_dtype(out.dtype))
-
-
 def stack_push(values: Tensor, rstd: Tensor, slot: int, p: Tensor, r: Tensor) -> None:
     """Write a completed block ``p`` (``M·d`` values, any strides and dtype) and its statistic ``r``
-    into row ``slot`` of a stack ``values [C, M, d]``, ``rstd [C, M, 1]``; eager mode only.
-
-    No custom op: under ``torch.compile`` the stack's two copies are plain ``copy_`` ops that
-    inductor fuses (a mutating custom op with the slot as an argument broke inductor's codegen,
-    which left the slot's symbol unbound).
-    """
+    into row ``slot`` of a stack ``values [C, M, d]``, ``rstd [C, M, 1]``."""
     _loaded().stack_push(values, rstd, slot, p, r)

@@ -17,8 +17,9 @@ The residual scheme uses them when gradients are disabled; training uses :mod:`a
 
 Kernels (:func:`attnres.ops.dispatch.kernels_for`, as for the training reads): on CPU the native
 kernels (:mod:`attnres.ops.native`) do phase 1 in one pass over the stack per read group and the
-merge in one pass per token; on CUDA the Triton kernels; otherwise, or with ``ATTNRES_KERNELS=torch``,
-the PyTorch ops below, their reference twin.
+merge in one pass per token, in eager mode (under ``torch.compile`` inductor fuses the PyTorch ops
+instead); on CUDA the Triton kernels; otherwise, or with ``ATTNRES_KERNELS=torch``, the PyTorch ops
+below, their reference twin.
 
 **The read fused with its norm.** In the model every read's output is used only through the RMSNorm
 that follows it (the sublayer's pre-norm, or the final norm), so :func:`stacked_merge` optionally
@@ -37,6 +38,14 @@ from attnres.ops import triton as triton_ops
 from attnres.ops.dispatch import kernels_for
 from attnres.ops.fused import rstd_stat
 from attnres.ops.precision import no_autocast, stats_dtype
+
+
+def _kernels(x: Tensor) -> str:
+    """:func:`~attnres.ops.dispatch.kernels_for` of ``x``, except that under ``torch.compile`` the
+    native kernels give way to PyTorch ops, which inductor fuses (the native no-grad kernels are
+    eager-only library calls; :mod:`attnres.ops.native` says why)."""
+    kernels = kernels_for(x)
+    return "torch" if kernels == "native" and torch.compiler.is_compiling() else kernels
 
 
 class SourceStack:
@@ -62,7 +71,7 @@ class SourceStack:
         """Append a completed source ``[..., d]`` and its statistic ``[...]``."""
         if self.size == self.values.shape[0]:
             raise RuntimeError(f"the source stack is full ({self.size} sources)")
-        if kernels_for(v) == "native" and not torch.compiler.is_compiling():  # one call, not two copies
+        if _kernels(v) == "native":  # one call, not two copies
             native.stack_push(self.values, self.rstd, self.size, v, rstd)
             self.size += 1
             return
@@ -87,7 +96,7 @@ def stacked_phase1(stack: SourceStack, queries: Tensor, need_lse: bool) -> tuple
     n, tokens, d = stack.size, stack.values.shape[1], stack.values.shape[2]
     if n < 1:
         raise ValueError("phase 1 needs at least one completed block on the stack")
-    kernels = kernels_for(stack.values)
+    kernels = _kernels(stack.values)
     if kernels in ("native", "triton"):
         phase1 = native.stack_phase1 if kernels == "native" else triton_ops.stack_phase1
         outs, lse = phase1(stack.values, stack.rstd, n, queries.contiguous(), need_lse)
@@ -136,7 +145,7 @@ def stacked_merge(
         norm_weight = norm_weight.to(partial.dtype)
         norm_eps = torch.finfo(partial.dtype).eps if norm_eps is None else norm_eps
     p_rows = partial.reshape(o.shape)  # [M, d]; a view unless the partial is a strided view
-    kernels = kernels_for(partial)
+    kernels = _kernels(partial)
     if kernels in ("native", "triton"):
         merge = native.stack_merge if kernels == "native" else triton_ops.stack_merge
         out = merge(o, lse, p_rows, partial_rstd.reshape(lse.shape), query, norm_weight, norm_eps or 0.0)
@@ -159,7 +168,7 @@ def stacked_first_read(
     if norm_weight is not None:
         norm_weight = norm_weight.to(like.dtype)
         norm_eps = torch.finfo(like.dtype).eps if norm_eps is None else norm_eps
-    if kernels_for(like) == "native":
+    if _kernels(like) == "native":
         return native.stack_norm(o, like, norm_weight, norm_eps or 0.0)
     h = o.reshape(like.shape).to(like.dtype)
     return h if norm_weight is None else F.rms_norm(h, (h.shape[-1],), norm_weight, norm_eps)
@@ -173,7 +182,7 @@ def stacked_accumulate(partial: Tensor | None, out: Tensor, eps: float) -> tuple
     ``out`` is already in the stream dtype; the native kernels do both in one pass, and return a
     contiguous ``p`` (a copy of ``out`` when ``partial`` is ``None``).
     """
-    if kernels_for(out) == "native" and (partial is None or partial.is_contiguous()):
+    if _kernels(out) == "native" and (partial is None or partial.is_contiguous()):
         return native.stack_accumulate(partial, out, eps)
     p = out if partial is None else partial + out
     return p, rstd_stat(p, eps)
