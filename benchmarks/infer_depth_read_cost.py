@@ -1,10 +1,10 @@
 """The residual scheme's share of one decode step: its 17 reads and 16 updates at d=512, 16 sublayers.
 
-Runs the scheme's loop as the model runs it (``init_state``, ``normed_input`` with each sublayer's
-RMSNorm, ``update``, ``normed_final``) without gradients on one token per row with fixed stand-in
-sublayer outputs, so only the depth bookkeeping, reads and pre-norms are timed (prenorm's row is its
-adds and norms), per depth-read implementation and kernel set, and counts the operators one step
-dispatches (the native kernels' custom ops count one each).
+Runs the scheme's loop as the model runs it (``init_state``; per sublayer ``fused_normed_input``
+with its RMSNorm, else ``layer_input`` and the norm; ``update``; ``normed_final``) without gradients
+on one token per row with fixed stand-in sublayer outputs, so only the depth bookkeeping, reads and
+pre-norms are timed (prenorm's row is its adds and norms), per depth-read implementation and kernel
+set, and counts the aten operators one step dispatches (a native kernel call counts none).
 Usage: ``python benchmarks/infer_depth_read_cost.py`` (one thread).
 """
 
@@ -32,8 +32,9 @@ def scheme_step(variant: str, batch: int):
 
     def step() -> None:
         state = scheme.init_state(embedding)
-        for layer, out in enumerate(outs):
-            scheme.normed_input(state, layer, norms[layer])
+        for layer, out in enumerate(outs):  # as Transformer.run_sublayers: the fused read, else read + norm
+            if scheme.fused_normed_input(state, layer, norms[layer]) is None:
+                norms[layer](scheme.layer_input(state, layer))
             state = scheme.update(state, layer, out)
         scheme.normed_final(state, norms[-1])
 
