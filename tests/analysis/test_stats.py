@@ -19,6 +19,12 @@ def test_paired_difference_t_interval():
     assert math.isclose(d.high - d.mean, 4.302652730 * sd / math.sqrt(3), rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_diverged_run_makes_the_difference_nan_not_an_error(bad: float) -> None:
+    d = paired_difference({0: 1.0, 1: bad, 2: 3.0}, {0: 0.5, 1: 1.0, 2: 2.5})
+    assert d.n == 3 and math.isnan(d.mean) and math.isnan(d.low) and math.isnan(d.high)
+
+
 def test_one_seed_has_no_interval_and_no_pair_is_none():
     d = paired_difference({0: 1.0}, {0: 0.0})
     assert d.n == 1 and math.isnan(d.low)

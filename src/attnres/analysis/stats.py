@@ -92,11 +92,17 @@ def format_mean_std(mean: float, std: float, n: int) -> str:
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float]) -> PairedDiff | None:
-    """``a - b`` paired by seed (the keys); ``None`` when no seed is in both."""
+    """``a - b`` paired by seed (the keys); ``None`` when no seed is in both.
+
+    A non-finite loss (a diverged run) makes the mean and the interval NaN rather than a number
+    (``statistics.stdev`` would raise on it).
+    """
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
     diffs = [a[s] - b[s] for s in seeds]
+    if not all(math.isfinite(x) for x in diffs):
+        return PairedDiff(math.nan, math.nan, math.nan, len(diffs))
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return PairedDiff(mean, math.nan, math.nan, 1)
