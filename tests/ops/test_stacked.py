@@ -37,6 +37,17 @@ def poisoned_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stacked.SourceStack, "__init__", poisoned)
 
 
+def stacked_group(n_blocks: int, s: int, t: int, d: int, dtype: torch.dtype, spare: int = 0) -> tuple:
+    """``n_blocks`` pushed onto a stack (``spare`` more rows, left NaN), a partial sum, ``s`` queries
+    and gains and their folded form: ``(blocks, partial, queries, gains, stack, folded)``."""
+    *blocks, partial = make_sources(n_blocks + 1, t, d, dtype)
+    queries, gains = make_query_gain(d, s)
+    stack = SourceStack(partial, n_blocks + spare)
+    for b in blocks:
+        stack.push(b, rstd_stat(b, 1e-6))
+    return blocks, partial, queries, gains, stack, fold_query(queries, gains, dtype)
+
+
 READS = [(1, 1, 7, 32), (1, 3, 1, 100), (3, 8, 7, 100), (8, 3, 1, 1168), (32, 2, 7, 32), (32, 1, 1, 1168)]
 
 
@@ -48,12 +59,7 @@ def test_phase1_plus_merge_matches_reference(
     dtype: torch.dtype, n_blocks: int, s: int, t: int, d: int
 ) -> None:
     """Every read of a group: phase 1 over the stacked blocks, then the merge with the partial sum."""
-    *blocks, partial = make_sources(n_blocks + 1, t, d, dtype)
-    queries, gains = make_query_gain(d, s)
-    stack = SourceStack(partial, n_blocks + 3)  # spare rows stay NaN
-    for b in blocks:
-        stack.push(b, rstd_stat(b, 1e-6))
-    folded = fold_query(queries, gains, dtype)
+    blocks, partial, queries, gains, stack, folded = stacked_group(n_blocks, s, t, d, dtype, spare=3)
     outs, lse = stacked_phase1(stack, folded, need_lse=True)
     only_outs, no_lse = stacked_phase1(stack, folded, need_lse=False)
     assert no_lse is None
@@ -76,15 +82,8 @@ def test_merge_fused_with_its_norm_matches_reference(
 ) -> None:
     """The merge with the RMSNorm after it, from strided inputs: ``o`` and ``lse`` are slices of the
     group's ``[M, S, d]`` / ``[M, S]``, and the partial sum is a transposed view."""
-    *blocks, partial = make_sources(n_blocks + 1, t, d, dtype)
-    partial = (
-        partial.detach().transpose(0, 1).contiguous().transpose(0, 1)
-    )  # [2, T, d] values, [T, 2, d] memory
-    queries, gains = make_query_gain(d, s)
-    stack = SourceStack(partial, n_blocks)
-    for b in blocks:
-        stack.push(b, rstd_stat(b, 1e-6))
-    folded = fold_query(queries, gains, dtype)
+    blocks, partial, queries, gains, stack, folded = stacked_group(n_blocks, s, t, d, dtype)
+    partial = partial.detach().transpose(0, 1).contiguous().transpose(0, 1)  # [T, 2, d] memory
     outs, lse = stacked_phase1(stack, folded, need_lse=True)
     weight = (1 + 0.3 * torch.randn(d, dtype=torch.float64)).to(dtype)
     for i in range(s):

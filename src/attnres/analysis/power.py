@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from attnres.analysis.stats import t_quantile
+from attnres.analysis.stats import invert_cdf, t_quantile
 
 
 def _gammainc_lower(a: float, x: float) -> float:
@@ -64,15 +64,7 @@ def chi2_quantile(p: float, df: float) -> float:
     """The ``p`` quantile of the chi-square distribution with ``df > 0`` degrees of freedom (bisection)."""
     if not 0.0 < p < 1.0 or not df > 0:
         raise ValueError(f"chi2_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    low, high = 0.0, max(1.0, df)
-    while chi2_cdf(high, df) < p:
-        high *= 2.0
-    for _ in range(300):
-        mid = 0.5 * (low + high)
-        low, high = (mid, high) if chi2_cdf(mid, df) < p else (low, mid)
-        if high - low < 1e-13 * max(1.0, high):
-            break
-    return 0.5 * (low + high)
+    return invert_cdf(lambda x: chi2_cdf(x, df), p, high=max(1.0, df))
 
 
 def noncentral_t_sf(c: float, df: float, ncp: float, intervals: int = 4000) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,12 +50,21 @@ def t_quantile(p: float, df: float) -> float:
         raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
     if p < 0.5:
         return -t_quantile(1.0 - p, df)
-    low, high = 0.0, 1.0
-    while t_cdf(high, df) < p:
+    return invert_cdf(lambda x: t_cdf(x, df), p)
+
+
+def invert_cdf(cdf: Callable[[float], float], p: float, high: float = 1.0) -> float:
+    """The ``x >= 0`` with ``cdf(x) = p``, to a relative ~1e-13, by bisection.
+
+    ``cdf`` is nondecreasing on ``[0, inf)`` with ``cdf(0) <= p``; ``high`` is a first upper
+    guess, doubled until ``cdf(high) >= p``.
+    """
+    low = 0.0
+    while cdf(high) < p:
         high *= 2.0
-    for _ in range(200):
+    for _ in range(300):
         mid = 0.5 * (low + high)
-        low, high = (mid, high) if t_cdf(mid, df) < p else (low, mid)
+        low, high = (mid, high) if cdf(mid) < p else (low, mid)
         if high - low < 1e-13 * max(1.0, high):
             break
     return 0.5 * (low + high)
